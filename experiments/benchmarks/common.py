@@ -1,0 +1,60 @@
+"""Shared timing helpers for the benchmark sections.
+
+Every figure is a median over repeats measured after warm-up; min and max travel with it, and
+the raw repeats go into the JSON report. Sections return rows (plain dicts) built by `timed`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def block(tree: Any) -> Any:
+  """Waits for every array in `tree` (JAX dispatch is asynchronous)."""
+  return jax.tree_util.tree_map(
+      lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, tree)
+
+
+def measure(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> list[float]:
+  """Seconds per call of `fn()` for `repeats` calls after `warmup` untimed calls."""
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
+          **fields: Any) -> dict:
+  """One benchmark row: median/min/max seconds of `fn` plus descriptive `fields`."""
+  times = measure(fn, repeats=repeats, warmup=warmup)
+  return dict(name=name, median_s=float(np.median(times)), min_s=float(np.min(times)),
+              max_s=float(np.max(times)), repeats=times, **fields)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
+  """Achieved fp32 GFLOP/s of a jitted n×n matmul: the machine's reference rate."""
+  key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(key_a, (n, n), jax.numpy.float32)
+  b = jax.random.normal(key_b, (n, n), jax.numpy.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  row = timed(f"matmul fp32 {n}x{n}", lambda: f(a, b), repeats=repeats, warmup=2)
+  row["gflops"] = 2 * n**3 / row["median_s"] / 1e9
+  return row
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+  """A markdown table of `rows` restricted to `columns` (floats to 4 significant digits)."""
+  def fmt(v: Any) -> str:
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return "" if v is None else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
