@@ -1,0 +1,194 @@
+"""The Mamba2 selective state-space recurrence ("SSD"), computed exactly three ways.
+
+Per head h with state S of shape (headdim, d_state), for t = 0 .. seqlen-1:
+
+  S_t = exp(dt_t · A_h) · S_{t-1} + dt_t · x_t B_tᵀ,      y_t = S_t C_t + D_h · x_t,
+
+where head h reads group h // (nheads // ngroups) of B and C. The three methods give the same
+numbers up to rounding:
+
+- "sequential":  `lax.scan` over time, the reference.
+- "associative": `lax.associative_scan` over time on (decay, update) pairs; memory grows with
+  seqlen × headdim × d_state per head.
+- "chunked":     the SSD matmul form of the Mamba2 paper (cf. mamba_ssm's `ssd_minimal`): within a
+  chunk of Q steps the output is a masked matmul (C Bᵀ ∘ L) X with
+  L[i, j] = exp(Σ_{k=j+1..i} dt_k A); chunk-end states are carried across chunks by
+  `lax.associative_scan`; states then reach the outputs of the next chunk.
+
+dt·A, cumulative sums, exponentials and states are float32 whatever the input dtype; the output
+has the dtype of `x`. Segment sums are built without cancellation (a cumulative sum of a masked
+repeat, never cs[i] - cs[j]), the -inf mask is applied before `exp` (so gradients stay finite),
+and exp(a_i - a_j) is never factored as exp(a_i)·exp(-a_j). The end of a sequence is padded with
+dt = 0 and x = 0, which leaves every state unchanged, so padding never leaks into real positions.
+
+Axis letters in the einsums: b batch, l / s time (position in a chunk), c chunk, g group,
+h head within its group, p headdim, n d_state.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+METHODS = ("chunked", "associative", "sequential")
+
+
+def _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size):
+  """Raises ValueError naming the offending argument when shapes or options are inconsistent."""
+  if method not in METHODS:
+    raise ValueError(f"ssd_scan: unknown method {method!r}; choose from {METHODS}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"ssd_scan: chunk_size must be a positive int, got {chunk_size!r}")
+  if x.ndim != 4:
+    raise ValueError(f"ssd_scan: x must be (batch, seqlen, nheads, headdim), got shape {x.shape}")
+  batch, seqlen, nheads, headdim = x.shape
+  if dt.shape != (batch, seqlen, nheads):
+    raise ValueError(f"ssd_scan: dt must be (batch, seqlen, nheads) = {(batch, seqlen, nheads)}, "
+                     f"got {dt.shape}")
+  if A.shape != (nheads,):
+    raise ValueError(f"ssd_scan: A must be (nheads,) = {(nheads,)}, got {A.shape}")
+  if B.ndim != 4 or B.shape[:2] != (batch, seqlen):
+    raise ValueError(f"ssd_scan: B must be (batch, seqlen, ngroups, d_state) with batch, seqlen "
+                     f"= {(batch, seqlen)}, got {B.shape}")
+  if C.shape != B.shape:
+    raise ValueError(f"ssd_scan: C must have the shape of B {B.shape}, got {C.shape}")
+  ngroups, d_state = B.shape[2:]
+  if ngroups < 1 or nheads % ngroups:
+    raise ValueError(f"ssd_scan: nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
+  if D is not None and D.shape != (nheads,):
+    raise ValueError(f"ssd_scan: D must be (nheads,) = {(nheads,)}, got {D.shape}")
+  state_shape = (batch, nheads, headdim, d_state)
+  if initial_state is not None and initial_state.shape != state_shape:
+    raise ValueError(f"ssd_scan: initial_state must be (batch, nheads, headdim, d_state) = "
+                     f"{state_shape}, got {initial_state.shape}")
+
+
+def _combine(left, right):
+  """Composes two affine state maps S -> exp(a)·S + u, `left` applied first.
+
+  a: (..., g, h) log-decays; u: (..., g, h, p, n) updates (any leading axes, aligned).
+  """
+  a_left, u_left = left
+  a_right, u_right = right
+  return a_left + a_right, jnp.exp(a_right)[..., None, None] * u_left + u_right
+
+
+def _sequential(x, a, dt, B, C, state):
+  """Reference: one step per time step. x (b, l, g, h, p); a, dt (b, l, g, h); B, C (b, l, g, n);
+  state (b, g, h, p, n). Returns y (b, l, g, h, p) and the final state (b, g, h, p, n)."""
+  def step(state, inputs):
+    x_t, a_t, dt_t, b_t, c_t = inputs
+    state = (jnp.exp(a_t)[..., None, None] * state
+             + jnp.einsum("bgh,bghp,bgn->bghpn", dt_t, x_t, b_t))
+    return state, jnp.einsum("bghpn,bgn->bghp", state, c_t)
+
+  time_major = [jnp.moveaxis(v, 1, 0) for v in (x, a, dt, B, C)]
+  state, y = lax.scan(step, state, time_major)
+  return jnp.moveaxis(y, 0, 1), state
+
+
+def _associative(x, a, dt, B, C, state):
+  """Whole-sequence associative scan. Shapes as in `_sequential`."""
+  u = jnp.einsum("blgh,blghp,blgn->blghpn", dt, x, B)
+  u = u.at[:, 0].add(jnp.exp(a[:, 0])[..., None, None] * state)
+  _, states = lax.associative_scan(_combine, (a, u), axis=1)
+  y = jnp.einsum("blghpn,blgn->blghp", states, C)
+  return y, states[:, -1]
+
+
+def _segment_sums(a):
+  """L-exponents without cancellation. a (..., q) -> (..., q, q) with out[..., i, j] =
+  Σ_{k=j+1..i} a_k for i >= j and -inf above the diagonal."""
+  q = a.shape[-1]
+  repeated = jnp.broadcast_to(a[..., :, None], a.shape + (q,))  # [..., k, j] = a_k
+  strictly_lower = jnp.tril(jnp.ones((q, q), bool), -1)  # k > j
+  sums = jnp.cumsum(jnp.where(strictly_lower, repeated, 0.0), axis=-2)  # Σ_{j<k<=i} a_k
+  return jnp.where(jnp.tril(jnp.ones((q, q), bool)), sums, -jnp.inf)
+
+
+def _chunked(x, a, dt, B, C, state, chunk_size):
+  """Chunked SSD. Shapes as in `_sequential`; seqlen is padded to a multiple of the chunk."""
+  batch, seqlen = x.shape[:2]
+  q = min(chunk_size, seqlen)
+  pad = -seqlen % q
+  if pad:
+    pad_time = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+    x, a, dt, B, C = map(pad_time, (x, a, dt, B, C))  # a = dt = x = 0: states pass unchanged
+  nchunks = x.shape[1] // q
+  to_chunks = lambda v: v.reshape((batch, nchunks, q) + v.shape[2:])
+  x, a, dt, B, C = map(to_chunks, (x, a, dt, B, C))
+  xdt = x * dt[..., None]                                # (b, c, l, g, h, p)
+  a = jnp.einsum("bclgh->bcghl", a)
+  a_cumsum = jnp.cumsum(a, axis=-1)                      # Σ_{k<=l}: decay from chunk start
+  decay = jnp.exp(_segment_sums(a))                      # (b, c, g, h, l, s)
+
+  # Outputs from inputs of the same chunk: (C Bᵀ ∘ L) X.
+  scores = jnp.einsum("bclgn,bcsgn->bcgls", C, B)
+  y_diag = jnp.einsum("bcgls,bcghls,bcsghp->bclghp", scores, decay, xdt)
+
+  # Each chunk's contribution to the state at its end (decay from s to the chunk end).
+  chunk_states = jnp.einsum("bcsgn,bcghs,bcsghp->bcghpn", B, decay[..., -1, :], xdt)
+
+  # States at chunk ends, carried across chunks; prev_states[c] = state entering chunk c.
+  chunk_states = chunk_states.at[:, 0].add(jnp.exp(a_cumsum[:, 0, ..., -1])[..., None, None] * state)
+  _, end_states = lax.associative_scan(_combine, (a_cumsum[..., -1], chunk_states), axis=1)
+  prev_states = jnp.concatenate([state[:, None], end_states[:, :-1]], axis=1)
+
+  # Outputs from the state entering the chunk.
+  y_off = jnp.einsum("bclgn,bcghpn,bcghl->bclghp", C, prev_states, jnp.exp(a_cumsum))
+
+  y = (y_diag + y_off).reshape((batch, nchunks * q) + y_diag.shape[3:])
+  return y[:, :seqlen], end_states[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("method", "chunk_size", "return_final_state"))
+def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial_state=None,
+             return_final_state=False):
+  """Runs the Mamba2 SSD recurrence.
+
+  Args:
+    x: (batch, seqlen, nheads, headdim) inputs.
+    dt: (batch, seqlen, nheads) step sizes, already softplus'ed (>= 0).
+    A: (nheads,) negative decay rates.
+    B: (batch, seqlen, ngroups, d_state) input projections; nheads % ngroups == 0.
+    C: (batch, seqlen, ngroups, d_state) output projections.
+    D: optional (nheads,) skip weights (y += D_h · x).
+    method: "chunked" (default), "associative" or "sequential"; all exact (static under jit).
+    chunk_size: chunk length Q of the "chunked" method (static); any seqlen works.
+    initial_state: optional (batch, nheads, headdim, d_state) state before step 0 (zeros if None).
+    return_final_state: also return the state after the last step.
+
+  Returns:
+    y (batch, seqlen, nheads, headdim) in the dtype of x, and, if return_final_state, the
+    float32 final state (batch, nheads, headdim, d_state).
+  """
+  _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size)
+  batch, seqlen, nheads, headdim = x.shape
+  ngroups, d_state = B.shape[2:]
+  heads = nheads // ngroups
+  f32 = jnp.float32
+  xg = x.astype(f32).reshape(batch, seqlen, ngroups, heads, headdim)
+  dtg = dt.astype(f32).reshape(batch, seqlen, ngroups, heads)
+  a = dtg * A.astype(f32).reshape(ngroups, heads)
+  Bf, Cf = B.astype(f32), C.astype(f32)
+  if initial_state is None:
+    state = jnp.zeros((batch, ngroups, heads, headdim, d_state), f32)
+  else:
+    state = initial_state.astype(f32).reshape(batch, ngroups, heads, headdim, d_state)
+
+  if method == "sequential":
+    y, final = _sequential(xg, a, dtg, Bf, Cf, state)
+  elif method == "associative":
+    y, final = _associative(xg, a, dtg, Bf, Cf, state)
+  else:
+    y, final = _chunked(xg, a, dtg, Bf, Cf, state, chunk_size)
+
+  y = y.reshape(batch, seqlen, nheads, headdim)
+  if D is not None:
+    y = y + D.astype(f32)[:, None] * x.astype(f32)
+  y = y.astype(x.dtype)
+  if return_final_state:
+    return y, final.reshape(batch, nheads, headdim, d_state)
+  return y
