@@ -1,0 +1,165 @@
+"""STFT / iSTFT with the semantics of torch.stft / torch.istft (SPEC §2).
+
+Periodic Hann window, `center=True` with reflect padding of n_fft // 2 on each
+side, unnormalised, onesided. A window shorter than n_fft (`win_length`) is
+zero-padded to n_fft, centred, as torch does.
+
+Framing cuts the padded signal into blocks of `hop` samples and builds each
+frame from ceil(n_fft / hop) consecutive blocks, so both framing and
+overlap-add are static slices and pads (no gather / scatter): cheap forward
+and backward under jit. The transforms always run in float32 / complex64,
+whatever the input dtype, so a bf16 model still sees an fp32 front end.
+
+Shapes: waveforms (..., samples); spectra (..., n_fft // 2 + 1, frames) with
+frames = 1 + samples // hop_length.
+"""
+
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def _window_np(n_fft: int, win_length: int) -> np.ndarray:
+  """Periodic Hann of `win_length`, zero-padded centred to (n_fft,) float32."""
+  k = np.arange(win_length, dtype=np.float64)
+  window = 0.5 - 0.5 * np.cos(2.0 * np.pi * k / win_length)
+  left = (n_fft - win_length) // 2
+  padded = np.zeros(n_fft, np.float64)
+  padded[left:left + win_length] = window
+  padded = padded.astype(np.float32)
+  padded.setflags(write=False)
+  return padded
+
+
+def hann_window(n: int) -> jnp.ndarray:
+  """Periodic Hann window, torch.hann_window(n): (n,) float32."""
+  if n < 1:
+    raise ValueError(f"hann_window: length must be >= 1, got {n}.")
+  return jnp.asarray(_window_np(n, n))
+
+
+def _check_params(fn: str, n_fft: int, hop_length: int, win_length):
+  if n_fft < 2 or hop_length < 1:
+    raise ValueError(f"{fn}: need n_fft >= 2 and hop_length >= 1, got "
+                     f"n_fft={n_fft}, hop_length={hop_length}.")
+  win_length = n_fft if win_length is None else win_length
+  if not 1 <= win_length <= n_fft:
+    raise ValueError(f"{fn}: win_length must lie in [1, n_fft={n_fft}], got "
+                     f"{win_length}.")
+  return win_length
+
+
+def _frame(x: jnp.ndarray, n_fft: int, hop: int, frames: int) -> jnp.ndarray:
+  """Frames of a padded signal: (..., P) -> (..., frames, n_fft)."""
+  k = math.ceil(n_fft / hop)
+  n_blocks = frames + k - 1
+  total = n_blocks * hop
+  if x.shape[-1] < total:
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, total - x.shape[-1])]
+    x = jnp.pad(x, pad)
+  blocks = x[..., :total].reshape(*x.shape[:-1], n_blocks, hop)
+  parts = [blocks[..., i:i + frames, :] for i in range(k)]
+  return jnp.concatenate(parts, axis=-1)[..., :n_fft]
+
+
+def _overlap_add(frames: jnp.ndarray, hop: int) -> jnp.ndarray:
+  """Overlap-add (..., T, n_fft) -> (..., (T + k - 1) * hop), k = ceil(n_fft/hop)."""
+  *lead, n_t, n_fft = frames.shape
+  k = math.ceil(n_fft / hop)
+  pad = [(0, 0)] * (frames.ndim - 1) + [(0, k * hop - n_fft)]
+  blocks = jnp.pad(frames, pad).reshape(*lead, n_t, k, hop)
+  out = 0
+  for i in range(k):
+    shift = [(0, 0)] * len(lead) + [(i, k - 1 - i), (0, 0)]
+    out = out + jnp.pad(blocks[..., i, :], shift)
+  return out.reshape(*lead, (n_t + k - 1) * hop)
+
+
+def stft(x, n_fft: int = 2048, hop_length: int = 441, win_length=None):
+  """torch.stft(center=True, pad_mode='reflect', onesided, unnormalised).
+
+  Args:
+    x: (..., samples) real waveform; computed in float32.
+    n_fft, hop_length, win_length: static ints (win_length defaults to n_fft).
+
+  Returns:
+    (..., n_fft // 2 + 1, 1 + samples // hop_length) complex64.
+  """
+  win_length = _check_params("stft", n_fft, hop_length, win_length)
+  x = jnp.asarray(x)
+  if jnp.iscomplexobj(x):
+    raise ValueError(f"stft: expects a real waveform, got dtype {x.dtype}.")
+  if x.ndim < 1:
+    raise ValueError("stft: expects an array (..., samples), got a scalar.")
+  n = x.shape[-1]
+  half = n_fft // 2
+  if n <= half:
+    raise ValueError(f"stft: reflect padding of n_fft // 2 = {half} needs more "
+                     f"than {half} samples, got {n} (shape {x.shape}).")
+  x = x.astype(jnp.float32)
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(half, half)], mode="reflect")
+  n_frames = 1 + (x.shape[-1] - n_fft) // hop_length
+  frames = _frame(x, n_fft, hop_length, n_frames)
+  frames = frames * _window_np(n_fft, win_length)
+  spec = jnp.fft.rfft(frames, n=n_fft, axis=-1)  # (..., frames, freq)
+  return jnp.swapaxes(spec, -1, -2).astype(jnp.complex64)
+
+
+@functools.lru_cache(maxsize=None)
+def _envelope_np(n_fft: int, hop: int, win_length: int, n_frames: int):
+  """Summed squared window of the overlap-add, (samples,) float64."""
+  w2 = _window_np(n_fft, win_length).astype(np.float64) ** 2
+  total = (n_frames + math.ceil(n_fft / hop) - 1) * hop
+  env = np.zeros(total)
+  for t in range(n_frames):
+    env[t * hop:t * hop + n_fft] += w2
+  env.setflags(write=False)
+  return env
+
+
+def istft(spec, n_fft: int = 2048, hop_length: int = 441, length=None,
+          win_length=None):
+  """torch.istft(center=True, onesided, unnormalised, length=length).
+
+  Windowed overlap-add divided by the summed squared window, the n_fft // 2
+  centre padding removed, then cropped (or zero-padded) to `length`.
+
+  Args:
+    spec: (..., n_fft // 2 + 1, frames) complex.
+    n_fft, hop_length, win_length: static ints (win_length defaults to n_fft).
+    length: static int, output samples; default n_fft // 2 removed from both
+      ends, i.e. hop_length * (frames - 1).
+
+  Returns:
+    (..., length) float32.
+  """
+  win_length = _check_params("istft", n_fft, hop_length, win_length)
+  spec = jnp.asarray(spec)
+  n_freq = n_fft // 2 + 1
+  if spec.ndim < 2 or spec.shape[-2] != n_freq:
+    raise ValueError(f"istft: expects (..., n_fft // 2 + 1 = {n_freq}, frames), "
+                     f"got shape {spec.shape}.")
+  n_frames = spec.shape[-1]
+  half = n_fft // 2
+  full = n_fft + hop_length * (n_frames - 1)
+  if length is None:
+    length = full - 2 * half
+  if length < 0:
+    raise ValueError(f"istft: length must be >= 0, got {length}.")
+  end = min(half + length, full)
+  env = _envelope_np(n_fft, hop_length, win_length, n_frames)[half:end]
+  if env.size and env.min() < 1e-11:
+    raise ValueError(
+        f"istft: window overlap-add is ~0 inside the output (NOLA fails) for "
+        f"n_fft={n_fft}, hop_length={hop_length}, win_length={win_length}.")
+  spec = jnp.swapaxes(spec.astype(jnp.complex64), -1, -2)
+  frames = jnp.fft.irfft(spec, n=n_fft, axis=-1)
+  frames = frames * _window_np(n_fft, win_length)
+  y = _overlap_add(frames, hop_length)[..., half:end]
+  y = y * (1.0 / env).astype(np.float32)
+  if end - half < length:
+    y = jnp.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, length - (end - half))])
+  return y.astype(jnp.float32)

@@ -1,0 +1,164 @@
+"""STFT / iSTFT against jax.scipy.signal and float64 NumPy references (SPEC §2)."""
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.signal as jss
+import numpy as np
+import pytest
+
+from bsmamba2_jax import audio
+
+# (n_fft, hop, win_length): the model's front end, a loss resolution with a
+# window shorter than n_fft, and a small one.
+CONFIGS = [(2048, 441, None), (2048, 147, 512), (256, 64, None)]
+# (leading shape, samples): 1-D, mono batch, stereo batch; odd and even lengths.
+SHAPES = [((), 3001), ((3, 1), 2500), ((2, 2), 2207), ((2, 2), 4410)]
+
+
+def _periodic_hann(n):
+  return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
+
+
+def _padded_window(n_fft, win_length):
+  win = np.zeros(n_fft)
+  left = (n_fft - win_length) // 2
+  win[left:left + win_length] = _periodic_hann(win_length)
+  return win
+
+
+def _numpy_stft(x, n_fft, hop, win_length):
+  """float64 torch.stft(center=True, reflect) written out directly."""
+  half = n_fft // 2
+  xp = np.pad(x.astype(np.float64), [(0, 0)] * (x.ndim - 1) + [(half, half)],
+              mode="reflect")
+  n_frames = 1 + (xp.shape[-1] - n_fft) // hop
+  idx = np.arange(n_frames)[:, None] * hop + np.arange(n_fft)[None, :]
+  frames = xp[..., idx] * _padded_window(n_fft, win_length)
+  return np.swapaxes(np.fft.rfft(frames, axis=-1), -1, -2)
+
+
+def _numpy_istft(spec, n_fft, hop, length, win_length):
+  """float64 torch.istft(center=True, length=length) written out directly."""
+  win = _padded_window(n_fft, win_length)
+  frames = np.fft.irfft(np.swapaxes(spec, -1, -2), n=n_fft, axis=-1) * win
+  n_frames = frames.shape[-2]
+  full = n_fft + hop * (n_frames - 1)
+  y = np.zeros(frames.shape[:-2] + (full,))
+  env = np.zeros(full)
+  for t in range(n_frames):
+    y[..., t * hop:t * hop + n_fft] += frames[..., t, :]
+    env[t * hop:t * hop + n_fft] += win ** 2
+  half = n_fft // 2
+  end = min(half + length, full)
+  y = y[..., half:end] / env[half:end]
+  return np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, length - (end - half))])
+
+
+def _signal(lead, n, seed=0):
+  return np.random.default_rng(seed).standard_normal(lead + (n,)).astype(
+      np.float32)
+
+
+def test_hann_window_is_periodic_hann():
+  for n in (1, 2, 7, 2048):
+    w = audio.hann_window(n)
+    assert w.dtype == jnp.float32 and w.shape == (n,)
+    np.testing.assert_allclose(np.asarray(w), _periodic_hann(n), atol=1e-7)
+
+
+@pytest.mark.parametrize("n_fft,hop,win_length", CONFIGS)
+@pytest.mark.parametrize("lead,n", SHAPES)
+def test_stft_matches_jax_scipy_and_numpy(n_fft, hop, win_length, lead, n):
+  x = _signal(lead, n)
+  spec = audio.stft(x, n_fft, hop, win_length)
+  assert spec.dtype == jnp.complex64
+  assert spec.shape == lead + (n_fft // 2 + 1, 1 + n // hop)
+  win = _padded_window(n_fft, win_length or n_fft)
+  # SPEC §2: jax.scipy.signal.stft with boundary='even', padded=False equals
+  # the torch STFT divided by the window sum.
+  _, _, oracle = jss.stft(jnp.asarray(x), window=jnp.asarray(win, jnp.float32),
+                          nperseg=n_fft, noverlap=n_fft - hop, boundary="even",
+                          padded=False)
+  oracle = np.asarray(oracle) * win.sum()
+  scale = np.abs(oracle).max()
+  np.testing.assert_allclose(np.asarray(spec) / scale, oracle / scale,
+                             atol=1e-5)
+  ref = _numpy_stft(x, n_fft, hop, win_length or n_fft)
+  np.testing.assert_allclose(np.asarray(spec) / scale, ref / scale, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_fft,hop,win_length", CONFIGS)
+@pytest.mark.parametrize("lead,n", SHAPES)
+def test_istft_matches_oracles_and_reconstructs(n_fft, hop, win_length, lead,
+                                                n):
+  x = _signal(lead, n, seed=1)
+  spec = audio.stft(x, n_fft, hop, win_length)
+  y = audio.istft(spec, n_fft, hop, length=n, win_length=win_length)
+  assert y.dtype == jnp.float32 and y.shape == x.shape
+  np.testing.assert_allclose(np.asarray(y), x, atol=1e-5)
+  ref = _numpy_istft(np.asarray(spec, np.complex128), n_fft, hop, n,
+                     win_length or n_fft)
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
+  # jax.scipy.signal.istft (no length=; its output stops at
+  # hop * (frames - 1)): compare on the common prefix.
+  win = _padded_window(n_fft, win_length or n_fft)
+  _, oracle = jss.istft(spec / win.sum(), window=jnp.asarray(win, jnp.float32),
+                        nperseg=n_fft, noverlap=n_fft - hop)
+  m = min(oracle.shape[-1], n)
+  np.testing.assert_allclose(np.asarray(y)[..., :m], np.asarray(oracle)[..., :m],
+                             atol=1e-5)
+
+
+def test_istft_length_crops_and_zero_pads_like_torch():
+  n_fft, hop = 256, 64
+  spec = audio.stft(_signal((2,), 1000), n_fft, hop)  # 16 frames
+  full = hop * (spec.shape[-1] - 1) + n_fft // 2  # samples before zero padding
+  env = np.zeros(full + 77 + n_fft)
+  for t in range(spec.shape[-1]):
+    env[t * hop:t * hop + n_fft] += _periodic_hann(n_fft) ** 2
+  env = env[n_fft // 2:]
+  for length in (10, 999, full, full + 77):
+    y = audio.istft(spec, n_fft, hop, length=length)
+    ref = _numpy_istft(np.asarray(spec, np.complex128), n_fft, hop, length,
+                       n_fft)
+    assert y.shape == (2, length)
+    # Near the end the squared-window envelope is tiny and division amplifies
+    # fp32 rounding; compare before the division.
+    np.testing.assert_allclose(np.asarray(y) * env[:length], ref * env[:length],
+                               atol=1e-5)
+  assert np.all(np.asarray(audio.istft(spec, n_fft, hop, full + 77))[:, full:]
+                == 0)
+  default = audio.istft(spec, n_fft, hop)
+  assert default.shape == (2, hop * (spec.shape[-1] - 1))
+
+
+def test_jit_grad_and_bf16_input():
+  n_fft, hop, n = 256, 64, 1001
+  x = jnp.asarray(_signal((2, 2), n, seed=2))
+  roundtrip = jax.jit(lambda v: audio.istft(audio.stft(v, n_fft, hop), n_fft,
+                                            hop, length=n))
+  np.testing.assert_allclose(np.asarray(roundtrip(x)), np.asarray(x), atol=1e-5)
+  # istft(stft(.)) is the identity map, so the gradient of 0.5 * ||.||^2 is x.
+  grad = jax.grad(lambda v: 0.5 * jnp.sum(roundtrip(v) ** 2))(x)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(x), atol=1e-4)
+  # The front end stays fp32 for a bf16 waveform.
+  spec = audio.stft(x.astype(jnp.bfloat16), n_fft, hop)
+  assert spec.dtype == jnp.complex64
+  np.testing.assert_allclose(
+      np.asarray(spec),
+      np.asarray(audio.stft(x.astype(jnp.bfloat16).astype(jnp.float32), n_fft,
+                            hop)), atol=1e-5)
+
+
+def test_bad_input_gives_clear_errors():
+  with pytest.raises(ValueError, match="reflect padding"):
+    audio.stft(np.zeros((2, 100), np.float32), 256, 64)
+  with pytest.raises(ValueError, match="real waveform"):
+    audio.stft(np.zeros(1000, np.complex64), 256, 64)
+  with pytest.raises(ValueError, match="win_length"):
+    audio.stft(np.zeros(1000, np.float32), 256, 64, win_length=512)
+  with pytest.raises(ValueError, match="129"):
+    audio.istft(np.zeros((2, 100, 5), np.complex64), 256, 64, length=100)
+  with pytest.raises(ValueError, match="NOLA"):
+    audio.istft(np.zeros((129, 5), np.complex64), 256, 256, length=800,
+                win_length=128)
