@@ -1,0 +1,284 @@
+"""Chunking, crossfade, resampling and file handling of `bsmamba2_jax.separation`.
+
+References are written here in float64 NumPy (official non-overlapping chunking, a direct
+overlap-add with the documented window) or come from soxr's one-shot resampler.
+"""
+import glob
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from bsmamba2_jax import separation
+from bsmamba2_jax.separation import Separator
+
+RATE = 44100
+
+
+def noise(channels, n, seed=0, scale=0.3):
+  return (scale * np.random.default_rng(seed).standard_normal((channels, n))).astype(np.float32)
+
+
+def boundary_revealing(chunks):
+  """A chunk function whose output depends on the position inside the chunk (B, C, S)."""
+  s = chunks.shape[-1]
+  return (chunks * np.linspace(0.5, 1.5, s, dtype=np.float32)
+          + 0.01 * np.cumsum(chunks, axis=-1) / s).astype(np.float32)
+
+
+def official_chunking(fn, x, segment):
+  """The official mode: segment chunks, zero-padded tail, concatenated, cropped."""
+  c, n = x.shape
+  k = -(-n // segment)
+  padded = np.zeros((c, k * segment), np.float32)
+  padded[:, :n] = x
+  chunks = padded.reshape(c, k, segment).transpose(1, 0, 2)
+  return np.concatenate(list(fn(chunks)), axis=1)[:, :n]
+
+
+def overlap_add_reference(fn, x, segment, overlap):
+  """Direct float64 overlap-add with trapezoid weights normalised by their sum."""
+  c, n = x.shape
+  hop = segment - overlap
+  i = np.arange(segment) + 0.5
+  w = np.minimum(1.0, np.minimum(i / overlap, (segment - i) / overlap))
+  starts = [0]
+  while starts[-1] + segment < n:
+    starts.append(starts[-1] + hop)
+  total = starts[-1] + segment
+  acc, wsum = np.zeros((c, total)), np.zeros(total)
+  padded = np.zeros((c, total), np.float32)
+  padded[:, :n] = x
+  for s in starts:
+    out = fn(padded[None, :, s:s + segment])[0].astype(np.float64)
+    acc[:, s:s + segment] += w * out
+    wsum[s:s + segment] += w
+  return acc[:, :n] / wsum[:n]
+
+
+class Recorder:
+  """An identity (or `fn`) batch function that records the shapes it was called with."""
+
+  def __init__(self, fn=lambda x: x):
+    self.fn, self.shapes = fn, []
+
+  def __call__(self, chunks):
+    self.shapes.append(chunks.shape)
+    return self.fn(chunks)
+
+
+def test_crossfade_weights_sum_to_one():
+  segment, overlap = 1000, 250
+  w = separation.crossfade_window(segment, overlap)
+  hop = segment - overlap
+  total = np.zeros(hop * 5 + segment)
+  for k in range(6):
+    total[k * hop:k * hop + segment] += w
+  np.testing.assert_allclose(total[overlap:-overlap], 1.0, atol=1e-12)
+  assert w.min() > 0 and w.max() == 1.0
+  np.testing.assert_array_equal(separation.crossfade_window(segment, 0), np.ones(segment))
+
+
+@pytest.mark.parametrize("n", [1, 4410, 8820, 8821, 30001])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_overlap_zero_is_the_official_mode_exactly(n, batch_size):
+  x = noise(2, n)
+  rec = Recorder(boundary_revealing)
+  sep = Separator(rec, segment=0.2, overlap=0.0, batch_size=batch_size)
+  out = sep.separate(x, RATE)
+  np.testing.assert_array_equal(out["vocals"], official_chunking(boundary_revealing, x, 8820))
+  np.testing.assert_array_equal(out["accompaniment"], x - out["vocals"])
+  assert set(rec.shapes) == {(batch_size, 2, 8820)}  # one fixed shape: compiled once
+
+
+@pytest.mark.parametrize("n", [3000, 8821, 30001])
+@pytest.mark.parametrize("overlap", [0.25, 0.6])
+def test_crossfade_matches_direct_overlap_add(n, overlap):
+  x = noise(2, n, seed=1)
+  sep = Separator(boundary_revealing, segment=0.2, overlap=overlap, batch_size=2)
+  ref = overlap_add_reference(boundary_revealing, x, 8820, int(round(overlap * 8820)))
+  np.testing.assert_allclose(sep.separate(x, RATE)["vocals"], ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("rate", [22050, 44100, 48000])
+@pytest.mark.parametrize("overlap", [0.0, 0.25])
+@pytest.mark.parametrize("in_channels,model_channels", [(1, 1), (1, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize("seconds", [0.137, 0.7311])  # shorter than a segment; odd length
+def test_identity_reproduces_input(rate, overlap, in_channels, model_channels, seconds):
+  n = int(seconds * rate) | 1
+  x = noise(in_channels, n, seed=2)
+  sep = Separator(Recorder(), channels=model_channels, segment=0.2, overlap=overlap,
+                  batch_size=2)
+  audio = x[0] if in_channels == 1 else x
+  out = sep.separate(audio, rate)
+  assert out["vocals"].shape == audio.shape and out["vocals"].dtype == np.float32
+  np.testing.assert_allclose(out["vocals"] + out["accompaniment"], audio, atol=1e-6)
+  if rate == RATE:
+    np.testing.assert_allclose(out["vocals"], audio, atol=1e-6)
+  else:  # chunking adds nothing to soxr's one-shot round trip (no clicks, no level change)
+    there = soxr.resample(x.T, rate, RATE, "HQ")
+    back = soxr.resample(there, RATE, rate, "HQ").T[:, :n]
+    back = np.pad(back, ((0, 0), (0, n - back.shape[1])))
+    np.testing.assert_allclose(out["vocals"].reshape(x.shape), back, atol=1e-5)
+    # Band-limited content survives the round trip at the same level.
+    low = np.fft.irfft(np.fft.rfft(x) * (np.fft.rfftfreq(n, 1 / rate) < 0.4 * rate), n)
+    low_out = sep.separate(low.astype(np.float32).reshape(audio.shape), rate)["vocals"]
+    core = slice(n // 10, -n // 10)
+    np.testing.assert_allclose(low_out.reshape(x.shape)[:, core], low[:, core], atol=3e-3)
+
+
+def test_channel_adaptation():
+  # Stereo model, mono input: the channel is duplicated and the outputs averaged.
+  rec = Recorder(lambda c: c * np.array([[1.0], [3.0]], np.float32))
+  x = noise(1, 5000)[0]
+  out = Separator(rec, channels=2, segment=0.1, overlap=0.0).separate(x, RATE)
+  np.testing.assert_allclose(out["vocals"], 2 * x, rtol=1e-6)
+  assert set(rec.shapes) == {(1, 2, 4410)}
+  # Mono model, stereo input: each channel is its own batch item.
+  rec = Recorder(lambda c: c * 2)
+  x = noise(2, 5000)
+  out = Separator(rec, channels=1, segment=0.1, overlap=0.0, batch_size=4).separate(x, RATE)
+  np.testing.assert_allclose(out["vocals"], 2 * x, rtol=1e-6)
+  assert set(rec.shapes) == {(4, 1, 4410)}
+
+
+@pytest.mark.parametrize("audio,message", [
+    (np.zeros((3, 1000), np.float32), "3 channels"),
+    (np.zeros((2, 0), np.float32), "empty"),
+    (np.zeros((1, 2, 100), np.float32), "(samples,) or (channels, samples)"),
+])
+def test_separate_rejects_bad_arrays(audio, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    Separator(Recorder()).separate(audio, RATE)
+
+
+@pytest.mark.parametrize("kwargs", [dict(overlap=1.0), dict(overlap=-0.1), dict(segment=0.0),
+                                    dict(batch_size=0), dict(channels=3)])
+def test_separator_rejects_bad_settings(kwargs):
+  with pytest.raises(ValueError):
+    Separator(Recorder(), **kwargs)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write(path, x, rate, subtype="FLOAT"):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  sf.write(path, np.asarray(x).T, rate, subtype=subtype)
+  return path
+
+
+def run_files(tmp_path, inputs, separator=None, **kwargs):
+  separator = separator or Separator(Recorder(), segment=0.2, overlap=0.25, batch_size=2)
+  return separation.separate_files(inputs, separator=separator,
+                                   output_dir=str(tmp_path / "out"), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("rate,channels", [(48000, 2), (22050, 1), (44100, 2)])
+def test_file_roundtrip_keeps_rate_channels_and_length(tmp_path, rate, channels):
+  n = int(0.9 * rate) + 1
+  x = noise(channels, n, seed=3)
+  path = write(str(tmp_path / "in" / "song.wav"), x, rate)
+  [result] = run_files(tmp_path, [path], bit_depth="32f")
+  assert result.error is None
+  expected = Separator(Recorder(), segment=0.2, overlap=0.25).separate(x, rate)
+  for stem in ("vocals", "accompaniment"):
+    out_path = str(tmp_path / "out" / "song" / f"{stem}.wav")
+    assert result.outputs[stem] == out_path
+    info = sf.info(out_path)
+    assert (info.samplerate, info.channels, info.frames) == (rate, channels, n)
+    np.testing.assert_array_equal(sf.read(out_path, dtype="float32", always_2d=True)[0].T,
+                                  expected[stem])
+  assert not glob.glob(str(tmp_path / "out" / "**" / ".*partial*"), recursive=True)
+
+
+def test_inputs_folders_globs_formats_and_template(tmp_path):
+  x = noise(2, 9000)
+  write(str(tmp_path / "in" / "a.wav"), x, RATE)
+  write(str(tmp_path / "in" / "deep" / "b.flac"), x, RATE, subtype="PCM_24")
+  sf.write(str(tmp_path / "c.mp3"), x.T, RATE)
+  open(tmp_path / "in" / "notes.txt", "w").close()
+  results = run_files(tmp_path, [str(tmp_path / "in"), str(tmp_path / "*.mp3")],
+                      template="{stem}/{track}.{ext}", fmt="flac", bit_depth="16")
+  assert [r.error for r in results] == [None] * 3
+  names = sorted(os.path.relpath(p, tmp_path / "out") for r in results
+                 for p in r.outputs.values())
+  assert names == sorted(f"{s}/{t}.flac" for s in ("vocals", "accompaniment")
+                         for t in "abc")
+  assert sf.info(str(tmp_path / "out" / "vocals" / "a.flac")).subtype == "PCM_16"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(fmt="flac", bit_depth="32f"), "FLAC has no 32-bit float"),
+    (dict(template="{track}.{ext}"), "must contain {stem}"),
+    (dict(template="{song}/{stem}.{ext}"), "unknown field"),
+])
+def test_bad_options_are_rejected_up_front(tmp_path, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    run_files(tmp_path, [str(tmp_path)], **kwargs)
+
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path):
+  good = write(str(tmp_path / "in" / "good.wav"), noise(2, 9000), RATE)
+  bad = {}
+  bad["garbage"] = str(tmp_path / "in" / "garbage.wav")
+  with open(bad["garbage"], "wb") as f:
+    f.write(b"this is not audio" * 10)
+  bad["empty"] = write(str(tmp_path / "in" / "empty.wav"), np.zeros((2, 0)), RATE)
+  bad["short"] = write(str(tmp_path / "in" / "short.wav"), noise(2, 100), RATE)
+  nan = noise(2, 20000)
+  nan[1, 15000] = np.nan
+  bad["nan"] = write(str(tmp_path / "in" / "nan.wav"), nan, RATE)
+  bad["surround"] = write(str(tmp_path / "in" / "surround.wav"), noise(6, 9000), RATE)
+  missing = str(tmp_path / "nothing*.wav")
+  results = run_files(tmp_path, [str(tmp_path / "in"), missing])
+  errors = {r.path: r.error for r in results}
+  assert errors.pop(good) is None
+  assert os.path.exists(tmp_path / "out" / "good" / "vocals.wav")
+  expected = dict(garbage="cannot read audio", empty="empty", short="too short",
+                  nan="non-finite sample (NaN or Inf) at frame 15000", surround="6 channels")
+  for key, message in expected.items():
+    assert message in errors[bad[key]] and bad[key] in errors[bad[key]]
+    assert not os.path.exists(tmp_path / "out" / key)
+  assert "no such file" in errors[missing]
+  assert not glob.glob(str(tmp_path / "out" / "**" / ".*partial*"), recursive=True)
+
+
+def test_existing_outputs_need_overwrite(tmp_path):
+  path = write(str(tmp_path / "song.wav"), noise(2, 9000), RATE)
+  out = tmp_path / "out" / "song" / "vocals.wav"
+  os.makedirs(out.parent)
+  out.write_bytes(b"keep me")
+  [result] = run_files(tmp_path, [path])
+  assert "exists; pass --overwrite" in result.error and out.read_bytes() == b"keep me"
+  [result] = run_files(tmp_path, [path], overwrite=True)
+  assert result.error is None and sf.info(str(out)).frames == 9000
+
+
+def test_interrupted_run_leaves_no_file(tmp_path):
+  path = write(str(tmp_path / "song.wav"), noise(2, 40000), RATE)
+
+  def interrupted(chunks):
+    if interrupted.calls:
+      raise KeyboardInterrupt
+    interrupted.calls += 1
+    return chunks
+  interrupted.calls = 0
+  with pytest.raises(KeyboardInterrupt):
+    run_files(tmp_path, [path], separator=Separator(interrupted, segment=0.1, overlap=0.0))
+  assert not [f for _, _, files in os.walk(tmp_path / "out") for f in files]
+
+
+def test_clipping_is_reported_not_rescaled(tmp_path):
+  x = noise(2, 9000, scale=0.1)
+  x[0, 100:110] = 1.5
+  path = write(str(tmp_path / "loud.wav"), x, RATE)
+  [result] = run_files(tmp_path, [path], bit_depth="16")
+  assert result.clipped == {"vocals": 10}
+  vocals = sf.read(result.outputs["vocals"], always_2d=True)[0].T
+  np.testing.assert_allclose(vocals[:, 200:], x[:, 200:], atol=1 / 2**15)  # no rescaling
+  np.testing.assert_allclose(vocals[0, 100:110], 32767 / 32768)
+  [result] = run_files(tmp_path, [path], bit_depth="32f", overwrite=True)
+  assert result.clipped == {}
