@@ -12,7 +12,7 @@ from bsmamba2_jax import audio
 # window shorter than n_fft, and a small one.
 CONFIGS = [(2048, 441, None), (2048, 147, 512), (256, 64, None)]
 # (leading shape, samples): 1-D, mono batch, stereo batch; odd and even lengths.
-SHAPES = [((), 3001), ((3, 1), 2500), ((2, 2), 2207), ((2, 2), 4410)]
+SHAPES = [((), 3001), ((3, 1), 2500), ((2, 2), 2207)]
 
 
 def _periodic_hann(n):
