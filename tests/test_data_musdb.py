@@ -1,0 +1,121 @@
+"""MUSDB18-HQ reader: splits, random-access reads and every documented error."""
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_pipeline import musdb
+
+SR = 44100
+
+
+def write_track(root, split, name, n=3000, sr=SR, channels=2, seed=0):
+  path = os.path.join(root, split, name)
+  os.makedirs(path, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for stem in musdb.STEMS:
+    data = (0.1 * rng.standard_normal((n, channels))).astype(np.float32)
+    sf.write(os.path.join(path, f"{stem}.wav"), data, sr, subtype="FLOAT")
+  return path
+
+
+@pytest.fixture
+def root(tmp_path):
+  for i, name in enumerate(["Actions - One Minute Smile", "Some - Song", "Other - Song"]):
+    write_track(tmp_path, "train", name, seed=i)
+  write_track(tmp_path, "test", "Test - Song", seed=9)
+  return tmp_path
+
+
+def test_splits_with_the_musdb_validation_names(root, caplog):
+  dataset = musdb.MusdbDataset(str(root))
+  with caplog.at_level(logging.WARNING):
+    valid = dataset.tracks("valid")
+  assert [t.name for t in valid] == ["Actions - One Minute Smile"]
+  assert "13 validation track(s) not on disk" in caplog.text and "Leaf - Summerghost" in caplog.text
+  assert [t.name for t in dataset.tracks("train")] == ["Other - Song", "Some - Song"]
+  assert len(dataset.tracks("train_full")) == 3
+  assert [t.name for t in dataset.tracks("test")] == ["Test - Song"]
+  assert len(musdb.MUSDB_VALIDATION_TRACKS) == 14
+  with pytest.raises(ValueError, match="unknown split 'dev'"):
+    dataset.tracks("dev")
+
+
+def test_validation_list_file_overrides(root):
+  (root / musdb.VALIDATION_LIST).write_text("Some - Song\n\nOther - Song\n")
+  dataset = musdb.MusdbDataset(str(root))
+  assert [t.name for t in dataset.tracks("valid")] == ["Other - Song", "Some - Song"]
+  assert [t.name for t in dataset.tracks("train")] == ["Actions - One Minute Smile"]
+
+
+def test_track_attributes_and_random_access(root):
+  track = musdb.MusdbDataset(str(root)).tracks("test")[0]
+  assert (track.num_samples, track.sample_rate, track.num_channels) == (3000, SR, 2)
+  reference, _ = sf.read(os.path.join(root, "test", "Test - Song", "drums.wav"), dtype="float64")
+  segment = track.read("drums", 1234, 567)
+  assert segment.dtype == np.float32 and segment.shape == (2, 567)
+  np.testing.assert_array_equal(segment, reference[1234:1801].T)
+  np.testing.assert_array_equal(track.read_all("drums"), reference.T)
+  with pytest.raises(ValueError, match=r"drums\.wav: segment \[2900, 3001\) outside .* 3000 samp"):
+    track.read("drums", 2900, 101)
+  with pytest.raises(ValueError, match="unknown stem 'guitar'"):
+    track.read("guitar", 0, 10)
+
+
+def test_missing_stem(root):
+  os.remove(root / "test" / "Test - Song" / "bass.wav")
+  with pytest.raises(musdb.MusdbError, match=r"bass\.wav: missing stem 'bass' of track 'Test"):
+    musdb.MusdbDataset(str(root)).tracks("test")
+
+
+def test_stems_of_different_length(root):
+  path = root / "test" / "Test - Song" / "other.wav"
+  sf.write(str(path), np.zeros((2999, 2), np.float32), SR, subtype="FLOAT")
+  with pytest.raises(musdb.MusdbError, match=r"Test - Song: stems of different lengths.*2999"):
+    musdb.MusdbDataset(str(root)).tracks("test")
+
+
+def test_stems_with_different_channels(root):
+  path = root / "test" / "Test - Song" / "other.wav"
+  sf.write(str(path), np.zeros((3000, 1), np.float32), SR, subtype="FLOAT")
+  with pytest.raises(musdb.MusdbError, match="stems with different channel counts"):
+    musdb.MusdbDataset(str(root)).tracks("test")
+
+
+def test_wrong_sample_rate(tmp_path):
+  write_track(tmp_path, "test", "Low - Rate", sr=22050)
+  with pytest.raises(musdb.MusdbError, match=r"mixture\.wav: sample rate 22050 Hz, expected 44100"):
+    musdb.MusdbDataset(str(tmp_path)).tracks("test")
+
+
+def test_unreadable_file(root):
+  (root / "test" / "Test - Song" / "vocals.wav").write_bytes(b"this is not audio")
+  with pytest.raises(musdb.MusdbError, match=r"vocals\.wav: unreadable audio file"):
+    musdb.MusdbDataset(str(root)).tracks("test")
+
+
+def test_truncated_read(root):
+  track = musdb.MusdbDataset(str(root)).tracks("test")[0]
+  with open(track.file("vocals"), "r+b") as f:  # cut the data, keep the header's frame count
+    f.truncate(os.path.getsize(track.file("vocals")) - 4000)
+  with pytest.raises(musdb.MusdbError, match=r"vocals\.wav: read \d+ of 1000 samples"):
+    track.read("vocals", 2000, 1000)
+
+
+def test_bad_roots(tmp_path):
+  with pytest.raises(musdb.MusdbError, match="not a directory"):
+    musdb.MusdbDataset(str(tmp_path / "nowhere"))
+  with pytest.raises(musdb.MusdbError, match="no train/ or test/ folder"):
+    musdb.MusdbDataset(str(tmp_path))
+  write_track(tmp_path, "train", "Only - Train")
+  with pytest.raises(musdb.MusdbError, match="test: missing folder"):
+    musdb.MusdbDataset(str(tmp_path)).tracks("test")
+
+
+def test_hidden_and_plain_files_are_not_tracks(root):
+  shutil.copytree(root / "test" / "Test - Song", root / "test" / ".hidden")
+  (root / "test" / "notes.txt").write_text("x")
+  assert [t.name for t in musdb.MusdbDataset(str(root)).tracks("test")] == ["Test - Song"]
