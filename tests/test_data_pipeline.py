@@ -1,0 +1,90 @@
+"""tf.data training batches (pmap shape, determinism, resume, sharding) and validation batches."""
+import itertools
+
+import numpy as np
+import pytest
+
+from data_pipeline import mixing, musdb, pipeline, salient, synthetic
+
+SEGMENT_S = 0.5
+N = 22050
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  path = tmp_path_factory.mktemp("pipeline") / "synthetic"
+  return synthetic.generate_dataset(str(path), num_train=3, num_test=1, seconds=6, seed=0,
+                                    vocal_density=1.0)
+
+
+def take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+@pytest.mark.parametrize("mono", [False, True])
+def test_batches_have_the_pmap_shape(root, mono):
+  it = pipeline.train_iterator(root, segment_seconds=SEGMENT_S, local_devices=2,
+                               per_device_batch=3, mono=mono, seed=0)
+  batch = next(it)
+  assert set(batch) == {"mixture", "vocals"}
+  for x in batch.values():
+    assert isinstance(x, np.ndarray) and x.dtype == np.float32
+    assert x.shape == (2, 3, 1 if mono else 2, N)
+  assert it.step == 1
+  assert np.std(batch["mixture"]) > 1e-3
+
+
+def test_batch_is_a_pure_function_of_seed_step_process(root):
+  dataset = musdb.MusdbDataset(root)
+  tracks = dataset.tracks("train")
+  index = salient.salient_index(dataset, "train", SEGMENT_S, SEGMENT_S / 2)
+  it = pipeline.train_iterator(root, segment_seconds=SEGMENT_S, local_devices=1,
+                               per_device_batch=2, seed=7, start_step=5, process_index=1,
+                               process_count=2)
+  batch = next(it)
+  for j in range(2):
+    expected = mixing.random_mix(tracks, index, pipeline.example_rng(7, 1, 5, j), N)
+    np.testing.assert_array_equal(batch["mixture"][0, j], expected["mixture"])
+    np.testing.assert_array_equal(batch["vocals"][0, j], expected["vocals"])
+
+
+def test_same_seed_same_batches_and_resume(root):
+  kwargs = dict(segment_seconds=SEGMENT_S, local_devices=1, per_device_batch=2)
+  run = take(pipeline.train_iterator(root, seed=1, num_parallel_calls=3, **kwargs), 4)
+  again = take(pipeline.train_iterator(root, seed=1, num_parallel_calls=1, prefetch=1, **kwargs), 4)
+  resumed = pipeline.train_iterator(root, seed=1, start_step=2, **kwargs)
+  assert resumed.step == 2
+  for a, b in zip(run, again):
+    np.testing.assert_array_equal(a["mixture"], b["mixture"])
+  for a, b in zip(run[2:], take(resumed, 2)):
+    np.testing.assert_array_equal(a["mixture"], b["mixture"])
+    np.testing.assert_array_equal(a["vocals"], b["vocals"])
+  other_seed = next(pipeline.train_iterator(root, seed=2, **kwargs))
+  other_process = next(pipeline.train_iterator(root, seed=1, process_index=1, process_count=2,
+                                               **kwargs))
+  assert not np.array_equal(run[0]["mixture"], other_seed["mixture"])
+  assert not np.array_equal(run[0]["mixture"], other_process["mixture"])
+  assert not np.array_equal(run[0]["mixture"], run[1]["mixture"])
+
+
+def test_train_iterator_argument_errors(root):
+  with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), got 2"):
+    pipeline.train_iterator(root, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match="per_device_batch >= 1"):
+    pipeline.train_iterator(root, per_device_batch=0)
+  with pytest.raises(musdb.MusdbError, match="not a directory"):
+    pipeline.train_iterator(root + "/missing")
+
+
+def test_validation_iterator(root):
+  batches = list(pipeline.validation_iterator(root, segment_seconds=2.0, batch_size=2))
+  track = musdb.MusdbDataset(root).tracks("valid")[0]
+  assert [b["mixture"].shape for b in batches] == [(2, 2, 88200), (1, 2, 88200)]  # 3 windows
+  assert batches[0]["track"] == [track.name, track.name]
+  np.testing.assert_array_equal(batches[1]["vocals"][0], track.read("vocals", 2 * 88200, 88200))
+  np.testing.assert_array_equal(batches[0]["mixture"][1], track.read("mixture", 88200, 88200))
+  mono = list(pipeline.validation_iterator(root, segment_seconds=2.0, mono=True, split="test",
+                                           max_examples=2))
+  assert [b["vocals"].shape for b in mono] == [(1, 1, 88200)] * 2
+  with pytest.raises(ValueError, match="no 10-s window in the 'valid' split"):
+    pipeline.validation_iterator(root, segment_seconds=10.0)
