@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 
 from bsmamba2_jax import audio
+from tests.stft_reference import numpy_istft
+from tests.stft_reference import numpy_stft
+from tests.stft_reference import padded_window
+from tests.stft_reference import periodic_hann
 
 # (n_fft, hop, win_length): the model's front end, a loss resolution with a
 # window shorter than n_fft, and a small one.
@@ -15,55 +19,16 @@ CONFIGS = [(2048, 441, None), (2048, 147, 512), (256, 64, None)]
 SHAPES = [((), 3001), ((3, 1), 2500), ((2, 2), 2207)]
 
 
-def _periodic_hann(n):
-  return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
-
-
-def _padded_window(n_fft, win_length):
-  win = np.zeros(n_fft)
-  left = (n_fft - win_length) // 2
-  win[left:left + win_length] = _periodic_hann(win_length)
-  return win
-
-
-def _numpy_stft(x, n_fft, hop, win_length):
-  """float64 torch.stft(center=True, reflect) written out directly."""
-  half = n_fft // 2
-  xp = np.pad(x.astype(np.float64), [(0, 0)] * (x.ndim - 1) + [(half, half)],
-              mode="reflect")
-  n_frames = 1 + (xp.shape[-1] - n_fft) // hop
-  idx = np.arange(n_frames)[:, None] * hop + np.arange(n_fft)[None, :]
-  frames = xp[..., idx] * _padded_window(n_fft, win_length)
-  return np.swapaxes(np.fft.rfft(frames, axis=-1), -1, -2)
-
-
-def _numpy_istft(spec, n_fft, hop, length, win_length):
-  """float64 torch.istft(center=True, length=length) written out directly."""
-  win = _padded_window(n_fft, win_length)
-  frames = np.fft.irfft(np.swapaxes(spec, -1, -2), n=n_fft, axis=-1) * win
-  n_frames = frames.shape[-2]
-  full = n_fft + hop * (n_frames - 1)
-  y = np.zeros(frames.shape[:-2] + (full,))
-  env = np.zeros(full)
-  for t in range(n_frames):
-    y[..., t * hop:t * hop + n_fft] += frames[..., t, :]
-    env[t * hop:t * hop + n_fft] += win ** 2
-  half = n_fft // 2
-  end = min(half + length, full)
-  y = y[..., half:end] / env[half:end]
-  return np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, length - (end - half))])
-
-
 def _signal(lead, n, seed=0):
   return np.random.default_rng(seed).standard_normal(lead + (n,)).astype(
       np.float32)
 
 
-def test_hann_window_is_periodic_hann():
+def test_hann_window_isperiodic_hann():
   for n in (1, 2, 7, 2048):
     w = audio.hann_window(n)
     assert w.dtype == jnp.float32 and w.shape == (n,)
-    np.testing.assert_allclose(np.asarray(w), _periodic_hann(n), atol=1e-7)
+    np.testing.assert_allclose(np.asarray(w), periodic_hann(n), atol=1e-7)
 
 
 @pytest.mark.parametrize("n_fft,hop,win_length", CONFIGS)
@@ -73,7 +38,7 @@ def test_stft_matches_jax_scipy_and_numpy(n_fft, hop, win_length, lead, n):
   spec = audio.stft(x, n_fft, hop, win_length)
   assert spec.dtype == jnp.complex64
   assert spec.shape == lead + (n_fft // 2 + 1, 1 + n // hop)
-  win = _padded_window(n_fft, win_length or n_fft)
+  win = padded_window(n_fft, win_length or n_fft)
   # SPEC §2: jax.scipy.signal.stft with boundary='even', padded=False equals
   # the torch STFT divided by the window sum.
   _, _, oracle = jss.stft(jnp.asarray(x), window=jnp.asarray(win, jnp.float32),
@@ -83,7 +48,7 @@ def test_stft_matches_jax_scipy_and_numpy(n_fft, hop, win_length, lead, n):
   scale = np.abs(oracle).max()
   np.testing.assert_allclose(np.asarray(spec) / scale, oracle / scale,
                              atol=1e-5)
-  ref = _numpy_stft(x, n_fft, hop, win_length or n_fft)
+  ref = numpy_stft(x, n_fft, hop, win_length or n_fft)
   np.testing.assert_allclose(np.asarray(spec) / scale, ref / scale, atol=1e-5)
 
 
@@ -96,12 +61,12 @@ def test_istft_matches_oracles_and_reconstructs(n_fft, hop, win_length, lead,
   y = audio.istft(spec, n_fft, hop, length=n, win_length=win_length)
   assert y.dtype == jnp.float32 and y.shape == x.shape
   np.testing.assert_allclose(np.asarray(y), x, atol=1e-5)
-  ref = _numpy_istft(np.asarray(spec, np.complex128), n_fft, hop, n,
+  ref = numpy_istft(np.asarray(spec, np.complex128), n_fft, hop, n,
                      win_length or n_fft)
   np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
   # jax.scipy.signal.istft (no length=; its output stops at
   # hop * (frames - 1)): compare on the common prefix.
-  win = _padded_window(n_fft, win_length or n_fft)
+  win = padded_window(n_fft, win_length or n_fft)
   _, oracle = jss.istft(spec / win.sum(), window=jnp.asarray(win, jnp.float32),
                         nperseg=n_fft, noverlap=n_fft - hop)
   m = min(oracle.shape[-1], n)
@@ -115,11 +80,11 @@ def test_istft_length_crops_and_zero_pads_like_torch():
   full = hop * (spec.shape[-1] - 1) + n_fft // 2  # samples before zero padding
   env = np.zeros(full + 77 + n_fft)
   for t in range(spec.shape[-1]):
-    env[t * hop:t * hop + n_fft] += _periodic_hann(n_fft) ** 2
+    env[t * hop:t * hop + n_fft] += periodic_hann(n_fft) ** 2
   env = env[n_fft // 2:]
   for length in (10, 999, full, full + 77):
     y = audio.istft(spec, n_fft, hop, length=length)
-    ref = _numpy_istft(np.asarray(spec, np.complex128), n_fft, hop, length,
+    ref = numpy_istft(np.asarray(spec, np.complex128), n_fft, hop, length,
                        n_fft)
     assert y.shape == (2, length)
     # Near the end the squared-window envelope is tiny and division amplifies
