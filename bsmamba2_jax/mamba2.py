@@ -1,0 +1,204 @@
+"""The Mamba2 mixer and the bidirectional block of BSMamba2, as the official graph defines them.
+
+Shapes: b batch, l sequence length, d model width, h heads, p head dim, g groups, n state size.
+Parameter names follow the official state_dict (SPEC §4) so that `convert.py` stays a table:
+`norm.weight`, `mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj}`, `linear`.
+Parameters are fp32; `dtype` is the compute dtype of the matmuls and the conv. dt, A and the scan
+state stay fp32 (the scan upcasts; `ssd_scan` keeps the output in x's dtype).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bsmamba2_jax.ssd import ssd_scan
+
+Dtype = Any
+
+
+def torch_uniform(fan_in: int) -> Callable:
+  """PyTorch's default Linear/Conv init, U(±1/sqrt(fan_in)), for any parameter shape."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def torch_dense(features: int, fan_in: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
+                name: str | None = None) -> nn.Dense:
+  """`nn.Dense` initialised like `torch.nn.Linear(fan_in, features)`."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in), name=name)
+
+
+class RMSNorm(nn.Module):
+  """Mamba's RMSNorm: `x · rsqrt(mean(x²) + eps) · weight` over the last axis, computed in fp32."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * weight).astype(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+  """mamba_ssm's `RMSNormGated` (norm_before_gate=False): `RMSNorm(y · silu(z)) · weight`.
+
+  The mean square runs over groups of `group_size` channels (d_inner / ngroups).
+  """
+  group_size: int
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+    """y, z: (..., channels) -> (..., channels)."""
+    channels = y.shape[-1]
+    weight = self.param("weight", nn.initializers.ones, (channels,), jnp.float32)
+    gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    grouped = gated.reshape(*gated.shape[:-1], channels // self.group_size, self.group_size)
+    normed = grouped * jax.lax.rsqrt(jnp.mean(jnp.square(grouped), -1, keepdims=True) + self.eps)
+    return (normed.reshape(gated.shape) * weight).astype(y.dtype)
+
+
+def _dt_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> Callable:
+  """mamba_ssm: dt = exp(U(log dt_min, log dt_max)) floored, stored as inverse softplus."""
+  def init(key, shape, dtype=jnp.float32):
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, dt_floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+  return init
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+  """mamba_ssm: A ~ U(1, 16), stored as log A."""
+  return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+class CausalDepthwiseConv(nn.Module):
+  """Causal depthwise conv1d along time, like torch Conv1d(groups=c, padding=k-1)[..., :l].
+
+  Parameters `kernel` (k, 1, c) — the Flax layout of a torch (c, 1, k) weight, no flip — and
+  `bias` (c,). Written as k shifted multiply-adds, which XLA:CPU runs far faster than a grouped
+  convolution.
+  """
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (b, l, c) -> (b, l, c)."""
+    channels, length = x.shape[-1], x.shape[1]
+    kernel = self.param("kernel", torch_uniform(self.width), (self.width, 1, channels), jnp.float32)
+    bias = self.param("bias", torch_uniform(self.width), (channels,), jnp.float32)
+    x = x.astype(self.dtype)
+    padded = jnp.pad(x, ((0, 0), (self.width - 1, 0), (0, 0)))
+    out = bias.astype(self.dtype)
+    for tap in range(self.width):
+      out = out + padded[:, tap:tap + length, :] * kernel[tap, 0].astype(self.dtype)
+    return out
+
+
+class Mamba2(nn.Module):
+  """The Mamba2 mixer of mamba_ssm 2.2.2 (no linear bias, conv bias, gated RMSNorm).
+
+  Attributes follow mamba_ssm's names; `scan_method`/`chunk_size` select the exact SSD algorithm.
+  """
+  d_model: int
+  d_state: int = 128
+  d_conv: int = 4
+  expand: int = 4
+  headdim: int = 64
+  ngroups: int = 1
+  scan_method: str = "chunked"
+  chunk_size: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, u: jax.Array) -> jax.Array:
+    """u: (b, l, d_model) -> (b, l, d_model)."""
+    d_inner = self.expand * self.d_model
+    if d_inner % self.headdim:
+      raise ValueError(f"expand*d_model={d_inner} is not a multiple of headdim={self.headdim}")
+    nheads = d_inner // self.headdim
+    if nheads % self.ngroups:
+      raise ValueError(f"nheads={nheads} is not a multiple of ngroups={self.ngroups}")
+    bc_width = self.ngroups * self.d_state
+    batch, length, _ = u.shape
+
+    zxbcdt = torch_dense(2 * d_inner + 2 * bc_width + nheads, self.d_model, use_bias=False,
+                         dtype=self.dtype, name="in_proj")(u)
+    z, xbc, dt_raw = jnp.split(zxbcdt, [d_inner, 2 * d_inner + 2 * bc_width], axis=-1)
+
+    xbc = jax.nn.silu(CausalDepthwiseConv(self.d_conv, dtype=self.dtype, name="conv1d")(xbc))
+    x, b_mat, c_mat = jnp.split(xbc, [d_inner, d_inner + bc_width], axis=-1)
+
+    dt_bias = self.param("dt_bias", _dt_bias_init(), (nheads,), jnp.float32)
+    a_log = self.param("A_log", _a_log_init, (nheads,), jnp.float32)
+    d_skip = self.param("D", nn.initializers.ones, (nheads,), jnp.float32)
+    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + dt_bias)          # (b, l, h) fp32
+    a = -jnp.exp(a_log)                                                   # (h,) fp32
+
+    y = ssd_scan(
+        x.reshape(batch, length, nheads, self.headdim), dt, a,
+        b_mat.reshape(batch, length, self.ngroups, self.d_state),
+        c_mat.reshape(batch, length, self.ngroups, self.d_state),
+        d_skip, method=self.scan_method, chunk_size=self.chunk_size)
+    y = y.reshape(batch, length, d_inner)
+    y = GatedRMSNorm(group_size=d_inner // self.ngroups, name="norm")(y, z)
+    return torch_dense(self.d_model, d_inner, use_bias=False, dtype=self.dtype,
+                       name="out_proj")(y)
+
+
+class MambaBlock(nn.Module):
+  """Pre-norm residual Mamba2: `x + Mamba2(RMSNorm(x))` (official `{forward,backward}_blocks.0`)."""
+  mixer: dict
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (b, l, d) -> (b, l, d)."""
+    return x + Mamba2(d_model=x.shape[-1], **self.mixer, name="mixer")(RMSNorm(name="norm")(x))
+
+
+def reverse_valid(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
+  """Reverses each sequence of x (b, l, ...) within its first `lengths[b]` steps.
+
+  Positions at or past the length stay where they are, so padding at the end stays at the end
+  and never enters a causal computation before real positions. The map is its own inverse.
+  With `lengths=None` the whole axis is flipped.
+  """
+  if lengths is None:
+    return jnp.flip(x, axis=1)
+  steps = jnp.arange(x.shape[1])[None, :]
+  lengths = jnp.asarray(lengths)[:, None]
+  index = jnp.where(steps < lengths, lengths - 1 - steps, steps)
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+class BiMamba2Block(nn.Module):
+  """Bidirectional Mamba2 with separate weights per direction (official `layers.{i}.{0,1}`).
+
+  fwd = x + Mamba2_f(RMSNorm_f(x)); bwd = x + flip(Mamba2_b(RMSNorm_b(flip(x))));
+  out = x + Dense(2d -> d)([fwd, bwd]).
+  """
+  mixer: dict
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+    """x: (b, l, d); lengths: optional (b,) valid lengths (padding at the end) -> (b, l, d)."""
+    dim = x.shape[-1]
+    fwd = MambaBlock(self.mixer, name="forward")(x)
+    bwd = reverse_valid(MambaBlock(self.mixer, name="backward")(reverse_valid(x, lengths)), lengths)
+    # A torch ConvTranspose1d(2d, d, 1): its default init takes fan_in from weight.shape[1] = d.
+    merged = torch_dense(dim, dim, dtype=self.dtype, name="linear")(
+        jnp.concatenate([fwd, bwd], axis=-1))
+    return x + merged.astype(x.dtype)

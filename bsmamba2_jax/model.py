@@ -1,0 +1,256 @@
+"""BSMamba2: band split -> dual-path bidirectional Mamba2 -> per-band mask -> complex mask -> iSTFT.
+
+The official graph (SPEC §3), one small module per idea. Shapes: b batch, c audio channels,
+s samples, f frequency bins, t frames, k bands, d model width.
+
+Feature order inside a band (the official one): frequency-major with channels interleaved and
+(re, im) innermost, i.e. element `((f - f0)·c + ch)·2 + p` of the band vector.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bsmamba2_jax import audio
+from bsmamba2_jax.mamba2 import BiMamba2Block, torch_dense
+
+# Band widths of the official model for n_fft 2048 (1025 bins): 2×24, 4×12, 12×8, 24×8, 48×8, 128, 129.
+PAPER_BAND_WIDTHS: tuple[int, ...] = (
+    (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129))
+
+
+def default_band_widths(n_fft: int) -> tuple[int, ...]:
+  """The paper's band layout scaled to `n_fft`; widths sum to n_fft // 2 + 1.
+
+  Widths scale with n_fft / 2048 (at least one bin); the last band takes the remainder, so
+  n_fft = 2048 gives exactly `PAPER_BAND_WIDTHS`.
+  """
+  bins = n_fft // 2 + 1
+  scale = n_fft / 2048
+  widths = [max(1, round(w * scale)) for w in PAPER_BAND_WIDTHS[:-1]]
+  while widths and sum(widths) >= bins:  # very small n_fft: drop the highest bands
+    widths.pop()
+  return tuple(widths) + (bins - sum(widths),)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every hyperparameter of BSMamba2. `ModelConfig.preset(name)` gives the named sizes."""
+  audio_channels: int = 2
+  sample_rate: int = 44100
+  n_fft: int = 2048
+  hop_length: int = 441
+  band_widths: tuple[int, ...] = PAPER_BAND_WIDTHS
+  dim: int = 256
+  depth: int = 6
+  d_state: int = 128
+  expand: int = 4
+  headdim: int = 64
+  ngroups: int = 1
+  d_conv: int = 4
+  mask_hidden_mult: int = 4
+  scan_method: str = "chunked"
+  chunk_size: int = 64
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "band_widths", tuple(int(w) for w in self.band_widths))
+    problems = []
+    if sum(self.band_widths) != self.n_fft // 2 + 1:
+      problems.append(f"band_widths sum to {sum(self.band_widths)}, expected n_fft//2+1 = "
+                      f"{self.n_fft // 2 + 1}")
+    if (self.expand * self.dim) % self.headdim:
+      problems.append(f"expand*dim = {self.expand * self.dim} is not a multiple of headdim "
+                      f"{self.headdim}")
+    elif (self.expand * self.dim // self.headdim) % self.ngroups:
+      problems.append(f"the {self.expand * self.dim // self.headdim} heads do not split into "
+                      f"ngroups={self.ngroups}")
+    if self.audio_channels not in (1, 2):
+      problems.append(f"audio_channels must be 1 or 2, got {self.audio_channels}")
+    if self.dtype not in ("float32", "bfloat16"):
+      problems.append(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.scan_method not in ("chunked", "associative", "sequential"):
+      problems.append(f"unknown scan_method {self.scan_method!r}")
+    if problems:
+      raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    """'paper' (48,098,188 parameters), 'small', or 'tiny' (trains on 2 CPU cores in minutes)."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    fields = dict(PRESETS[name], **overrides)
+    if "n_fft" in overrides and "band_widths" not in overrides:
+      fields["band_widths"] = default_band_widths(fields["n_fft"])
+    return cls(**fields)
+
+  def to_dict(self) -> dict:
+    """JSON-able dict; `ModelConfig.from_dict` inverts it."""
+    d = dataclasses.asdict(self)
+    d["band_widths"] = list(self.band_widths)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields {unknown}")
+    return cls(**d)
+
+  @property
+  def compute_dtype(self):
+    return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+  @property
+  def mixer(self) -> dict:
+    """Keyword arguments of `Mamba2` (besides d_model)."""
+    return dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                headdim=self.headdim, ngroups=self.ngroups, scan_method=self.scan_method,
+                chunk_size=self.chunk_size, dtype=self.compute_dtype)
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "small": dict(dim=128, depth=4, d_state=64, expand=2, headdim=32),
+    "tiny": dict(dim=32, depth=2, d_state=16, expand=2, headdim=16),
+}
+
+
+class BandRMSNorm(nn.Module):
+  """The band-split RMSNorm: `x / max(‖x‖₂, 1e-12) · sqrt(dim) · gamma` (not eps-in-sqrt)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    gamma = self.param("gamma", nn.initializers.ones, (dim,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+    return (x32 / jnp.maximum(norm, 1e-12) * math.sqrt(dim) * gamma).astype(x.dtype)
+
+
+def band_slices(widths: tuple[int, ...], channels: int) -> list[tuple[int, int]]:
+  """(start, stop) of each band in the flattened (f, c, re/im) feature axis."""
+  stops = [0]
+  for w in widths:
+    stops.append(stops[-1] + 2 * channels * w)
+  return list(zip(stops[:-1], stops[1:]))
+
+
+def spectrum_to_features(spec: jax.Array) -> jax.Array:
+  """(b, c, f, t) complex -> (b, t, f·c·2) real, frequency-major, channels then (re, im)."""
+  b, c, f, t = spec.shape
+  ri = jnp.stack([spec.real, spec.imag], axis=-1)             # (b, c, f, t, 2)
+  return ri.transpose(0, 3, 2, 1, 4).reshape(b, t, f * c * 2)
+
+
+def features_to_spectrum(features: jax.Array, channels: int) -> jax.Array:
+  """Inverse of `spectrum_to_features`: (b, t, f·c·2) -> (b, c, f, t) complex64."""
+  b, t, n = features.shape
+  ri = features.astype(jnp.float32).reshape(b, t, n // (2 * channels), channels, 2)
+  return jax.lax.complex(ri[..., 0], ri[..., 1]).transpose(0, 3, 2, 1)
+
+
+class BandSplit(nn.Module):
+  """Per band: BandRMSNorm(2cw) -> Dense(2cw -> d); (b, t, f·c·2) -> (b, t, k, d)."""
+  band_widths: tuple[int, ...]
+  channels: int
+  dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    bands = []
+    for k, (start, stop) in enumerate(band_slices(self.band_widths, self.channels)):
+      x = BandRMSNorm(name=f"to_features_{k}_norm")(features[..., start:stop])
+      bands.append(torch_dense(self.dim, stop - start, dtype=self.dtype,
+                               name=f"to_features_{k}_dense")(x))
+    return jnp.stack(bands, axis=-2)
+
+
+class MaskEstimator(nn.Module):
+  """Per band: Dense(d -> h·d) -> tanh -> Dense(h·d -> 2·2cw) -> GLU; (b, t, k, d) -> (b, t, f·c·2)."""
+  band_widths: tuple[int, ...]
+  channels: int
+  hidden_mult: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    hidden = self.hidden_mult * dim
+    outputs = []
+    for k, (start, stop) in enumerate(band_slices(self.band_widths, self.channels)):
+      h = jnp.tanh(torch_dense(hidden, dim, dtype=self.dtype, name=f"to_freqs_{k}_in")(x[..., k, :]))
+      h = torch_dense(2 * (stop - start), hidden, dtype=self.dtype, name=f"to_freqs_{k}_out")(h)
+      value, gate = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+      outputs.append(value * jax.nn.sigmoid(gate))
+    return jnp.concatenate(outputs, axis=-1)
+
+
+class DualPathLayer(nn.Module):
+  """One layer: a BiMamba2 block along time on (b·k, t, d), then one along bands on (b·t, k, d)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (b, t, k, d) -> (b, t, k, d)."""
+    block = nn.remat(BiMamba2Block) if self.config.remat else BiMamba2Block
+    b, t, k, d = x.shape
+    mixer, dtype = self.config.mixer, self.config.compute_dtype
+    along_time = x.transpose(0, 2, 1, 3).reshape(b * k, t, d)
+    along_time = block(mixer, dtype, name="time")(along_time)
+    x = along_time.reshape(b, k, t, d).transpose(0, 2, 1, 3)
+    along_bands = block(mixer, dtype, name="band")(x.reshape(b * t, k, d))
+    return along_bands.reshape(b, t, k, d)
+
+
+class BSMamba2(nn.Module):
+  """The whole separator: waveform (b, c, s) at 44.1 kHz -> estimated vocals (b, c, s)."""
+  config: ModelConfig
+
+  def estimate_mask(self, spec: jax.Array) -> jax.Array:
+    """spec: (b, c, f, t) complex mixture STFT -> complex mask of the same shape."""
+    cfg = self.config
+    x = BandSplit(cfg.band_widths, cfg.audio_channels, cfg.dim, dtype=cfg.compute_dtype,
+                  name="band_split")(spectrum_to_features(spec))
+    x = x.astype(jnp.float32)  # the residual stream stays fp32; matmuls run in compute dtype
+    for i in range(cfg.depth):
+      x = DualPathLayer(cfg, name=f"layers_{i}")(x)
+    x = BandRMSNorm(name="final_norm")(x)
+    mask = MaskEstimator(cfg.band_widths, cfg.audio_channels, cfg.mask_hidden_mult,
+                         dtype=cfg.compute_dtype, name="mask_estimator")(x)
+    return features_to_spectrum(mask, cfg.audio_channels)
+
+  def masked_istft(self, spec: jax.Array, mask: jax.Array, length: int) -> jax.Array:
+    """Complex-multiplies spec and mask, both (b, c, f, t), and returns the (b, c, length) iSTFT."""
+    return audio.istft(spec * mask, self.config.n_fft, self.config.hop_length, length=length)
+
+  def apply_mask(self, audio_in: jax.Array, mask: jax.Array) -> jax.Array:
+    """The model's output path with a given complex mask (b, c, f, t) for audio_in (b, c, s)."""
+    spec = audio.stft(audio_in.astype(jnp.float32), self.config.n_fft, self.config.hop_length)
+    return self.masked_istft(spec, mask, audio_in.shape[-1])
+
+  @nn.compact
+  def __call__(self, audio_in: jax.Array, *, return_mask: bool = False):
+    """audio_in: (b, c, s) float -> vocals (b, c, s) float32 [, complex mask (b, c, f, t)]."""
+    cfg = self.config
+    if audio_in.ndim != 3 or audio_in.shape[1] != cfg.audio_channels:
+      raise ValueError(f"BSMamba2 expects audio of shape (batch, {cfg.audio_channels}, samples), "
+                       f"got {tuple(audio_in.shape)}")
+    spec = audio.stft(audio_in.astype(jnp.float32), cfg.n_fft, cfg.hop_length)
+    mask = self.estimate_mask(spec)
+    vocals = self.masked_istft(spec, mask, audio_in.shape[-1])
+    return (vocals, mask) if return_mask else vocals
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+  """Fresh parameters (fp32), initialised on a few STFT frames (shapes do not depend on length)."""
+  dummy = jnp.zeros((1, config.audio_channels, config.n_fft), jnp.float32)
+  return jax.jit(BSMamba2(config).init)(rng, dummy)["params"]
