@@ -282,3 +282,72 @@ def test_clipping_is_reported_not_rescaled(tmp_path):
   np.testing.assert_allclose(vocals[0, 100:110], 32767 / 32768)
   [result] = run_files(tmp_path, [path], bit_depth="32f", overwrite=True)
   assert result.clipped == {}
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  """A one-layer tiny model with random parameters (shapes from eval_shape: no slow init)."""
+  import jax
+
+  from bsmamba2_jax.checkpoints import abstract_params
+  from bsmamba2_jax.model import BSMamba2, ModelConfig
+  config = ModelConfig.preset("tiny", depth=1)
+  rng = np.random.default_rng(7)
+  params = jax.tree_util.tree_map(
+      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
+  return BSMamba2(config), params
+
+
+@pytest.mark.parametrize("rate,channels,overlap", [(44100, 2, 0.25), (48000, 1, 0.0),
+                                                   (22050, 2, 0.0)])
+def test_model_with_all_ones_mask_reproduces_input(rate, channels, overlap):
+  import jax
+  import jax.numpy as jnp
+
+  from bsmamba2_jax.model import BSMamba2, ModelConfig
+  model = BSMamba2(ModelConfig.preset("tiny"))
+  frames = 8820 // model.config.hop_length + 1
+  ones = jnp.ones((2, 2, model.config.n_fft // 2 + 1, frames), jnp.complex64)
+  apply = jax.jit(lambda x: model.apply({}, x, ones, method=BSMamba2.apply_mask))
+  sep = Separator(lambda c: np.asarray(apply(c)), segment=0.2, overlap=overlap, batch_size=2)
+  ident = Separator(Recorder(), segment=0.2, overlap=overlap, batch_size=2)
+  n = int(0.5 * rate) | 1
+  x = noise(channels, n, seed=4)
+  out = sep.separate(x, rate)["vocals"]
+  np.testing.assert_allclose(out, ident.separate(x, rate)["vocals"], atol=2e-5)
+  if rate == RATE:
+    np.testing.assert_allclose(out, x, atol=2e-5)
+
+
+def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
+  import subprocess
+  import sys
+
+  from bsmamba2_jax import checkpoints
+  model, params = tiny_model
+  export = checkpoints.save_inference(str(tmp_path / "export"), model.config, params)
+  x = noise(2, 6000, seed=6)
+  good = write(str(tmp_path / "in" / "good.wav"), x, RATE)
+  bad = str(tmp_path / "in" / "bad.wav")
+  with open(bad, "wb") as f:
+    f.write(b"not audio")
+  out_dir = tmp_path / "out"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.separate", f"--checkpoint={export}",
+       f"--input={tmp_path / 'in'}", f"--output_dir={out_dir}", "--segment=0.1",
+       "--overlap=0", "--bit_depth=32f", "--noprogress"],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 1, proc.stderr
+  assert f"{bad}: cannot read audio" in proc.stdout + proc.stderr
+  # --overlap=0: the official chunking of a direct model call on the zero-padded chunks.
+  padded = np.pad(x, ((0, 0), (0, 2 * 4410 - 6000))).reshape(2, 2, 4410).transpose(1, 0, 2)
+  vocals = np.concatenate(list(np.asarray(model.apply({"params": params}, padded))), axis=1)
+  expected = {"vocals": vocals[:, :6000], "accompaniment": x - vocals[:, :6000]}
+  for stem in ("vocals", "accompaniment"):
+    written = sf.read(str(out_dir / "good" / f"{stem}.wav"), dtype="float32")[0].T
+    assert np.isfinite(written).all() and np.abs(written).max() > 0
+    np.testing.assert_allclose(written, expected[stem], atol=1e-5)

@@ -1,0 +1,264 @@
+"""Evaluation on a MUSDB18-HQ-layout dataset: per-track cSDR/uSDR, aggregates, studies, plots.
+
+Per track, the separator's vocals and accompaniment (= mixture - vocals) are scored against
+the true vocals and the true accompaniment (drums + bass + other) with the SPEC §7 metrics:
+cSDR (museval v4, 1-s frames, both stems evaluated together, nanmedian over frames) and
+uSDR. The mixture-as-estimate baseline (SiSEC's "MIX": the mixture given as the estimate of
+every stem) is scored alongside. Aggregates give median and mean over tracks (the paper
+reports the median cSDR and the mean uSDR).
+
+Sparse-vocal breakdown: a track's vocal activity is the fraction of its full 1-s frames whose
+true-vocal RMS (over channels and samples) reaches ACTIVITY_THRESHOLD_DB dBFS; tracks are
+bucketed by it (ACTIVITY_BINS).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from bsmamba2_jax import metrics
+
+STEMS = ("vocals", "accompaniment")
+ACTIVITY_THRESHOLD_DB = -40.0
+ACTIVITY_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SCORES = tuple(f"{stem}_{m}" for stem in STEMS for m in ("csdr", "usdr"))
+BASELINE_SCORES = tuple(f"mix_{s}" for s in SCORES)
+
+
+def vocal_activity(vocals: np.ndarray, sample_rate: int = 44100,
+                   threshold_db: float = ACTIVITY_THRESHOLD_DB) -> float:
+  """Fraction of full 1-s frames of vocals (C, N) whose RMS reaches `threshold_db` dBFS."""
+  frames = vocals.shape[-1] // sample_rate
+  if frames == 0:
+    return float("nan")
+  x = np.asarray(vocals[:, :frames * sample_rate], np.float64)
+  x = x.reshape(x.shape[0], frames, sample_rate).transpose(1, 0, 2).reshape(frames, -1)
+  rms = np.sqrt(np.mean(x**2, axis=1))
+  return float(np.mean(rms >= 10 ** (threshold_db / 20)))
+
+
+def score(references: dict[str, np.ndarray], estimates: dict[str, np.ndarray],
+          sample_rate: int = 44100) -> dict[str, float]:
+  """{stem}_csdr and {stem}_usdr (dB) of the (C, N) estimates of both STEMS."""
+  refs = np.stack([references[s] for s in STEMS]).astype(np.float32)
+  ests = np.stack([estimates[s] for s in STEMS]).astype(np.float32)
+  csdr = np.asarray(metrics.csdr(refs, ests, sample_rate=sample_rate), np.float64)
+  usdr = np.asarray(metrics.usdr(refs, ests), np.float64)
+  out = {}
+  for i, stem in enumerate(STEMS):
+    out[f"{stem}_csdr"], out[f"{stem}_usdr"] = float(csdr[i]), float(usdr[i])
+  return out
+
+
+def evaluate_track(separator, track) -> dict[str, Any]:
+  """Separates one track with `separator.separate(audio, rate)` and scores it (one CSV row)."""
+  sample_rate = track.sample_rate
+  mixture = track.read_all("mixture")
+  vocals = track.read_all("vocals")
+  accompaniment = sum(track.read_all(s) for s in ("drums", "bass", "other"))
+  references = {"vocals": vocals, "accompaniment": accompaniment}
+  start = time.perf_counter()
+  estimates = separator.separate(mixture, sample_rate)
+  wall = time.perf_counter() - start
+  row = dict(track=track.name, seconds=mixture.shape[-1] / sample_rate,
+             vocal_activity=vocal_activity(vocals, sample_rate), wall_s=wall)
+  row.update(score(references, estimates, sample_rate))
+  baseline = score(references, {s: mixture for s in STEMS}, sample_rate)
+  row.update({f"mix_{k}": v for k, v in baseline.items()})
+  return row
+
+
+def aggregate_rows(rows: Sequence[dict], keys: Iterable[str]) -> dict[str, dict]:
+  """{key: metrics.aggregate(values over rows)}: median, mean and count of each score."""
+  return {k: {n: float(v) for n, v in metrics.aggregate(np.array([r[k] for r in rows])).items()}
+          for k in keys}
+
+
+def sparse_breakdown(rows: Sequence[dict], bins: Sequence[float] = ACTIVITY_BINS) -> list[dict]:
+  """Scores aggregated per vocal-activity bucket [lo, hi) (the last bucket includes hi)."""
+  out = []
+  for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:])):
+    last = i == len(bins) - 2
+    members = [r for r in rows if lo <= r["vocal_activity"] < hi
+               or (last and r["vocal_activity"] == hi)]
+    entry = dict(activity=f"[{lo:.2f}, {hi:.2f}{']' if last else ')'}", tracks=len(members))
+    if members:
+      for key, agg in aggregate_rows(members, SCORES).items():
+        entry[f"{key}_median"], entry[f"{key}_mean"] = agg["median"], agg["mean"]
+    out.append(entry)
+  return out
+
+
+def evaluate(separator, data_dir: str, split: str = "test", *, progress: bool = True,
+             max_tracks: int | None = None) -> dict[str, Any]:
+  """Evaluates `separator` on the `split` tracks of the MUSDB18-HQ-layout `data_dir`.
+
+  Returns {"tracks": per-track rows, "aggregate": median/mean/count per score,
+  "baseline": the same for the mixture-as-estimate, "sparse": the vocal-activity breakdown}.
+  """
+  from tqdm import tqdm
+
+  from data_pipeline.musdb import MusdbDataset
+
+  tracks = list(MusdbDataset(data_dir).tracks(split))[:max_tracks]
+  if not tracks:
+    raise ValueError(f"{data_dir}: no tracks in split {split!r}")
+  rows = [evaluate_track(separator, t) for t in tqdm(tracks, desc=f"evaluate {split}",
+                                                       disable=not progress)]
+  return dict(tracks=rows, aggregate=aggregate_rows(rows, SCORES),
+              baseline=aggregate_rows(rows, BASELINE_SCORES), sparse=sparse_breakdown(rows))
+
+
+def segment_study(make_separator, segments: Sequence[float], data_dir: str,
+                  split: str = "test", *, progress: bool = True,
+                  max_tracks: int | None = None) -> list[dict]:
+  """The input-length study: `make_separator(segment)` evaluated per segment length (s).
+
+  Returns one row per segment: the segment and median/mean of every score over tracks.
+  """
+  out = []
+  for segment in segments:
+    result = evaluate(make_separator(segment), data_dir, split, progress=progress,
+                      max_tracks=max_tracks)
+    row = dict(segment=float(segment))
+    for key, agg in result["aggregate"].items():
+      row[f"{key}_median"], row[f"{key}_mean"] = agg["median"], agg["mean"]
+    out.append(row)
+  return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+  """The aggregate table: median and mean over tracks of each score, model and baseline."""
+  lines = ["| estimate | stem | cSDR median | cSDR mean | uSDR median | uSDR mean | tracks |",
+           "|---|---|---|---|---|---|---|"]
+  for name, key, prefix in (("model", "aggregate", ""), ("mixture", "baseline", "mix_")):
+    for stem in STEMS:
+      c, u = results[key][f"{prefix}{stem}_csdr"], results[key][f"{prefix}{stem}_usdr"]
+      lines.append(f"| {name} | {stem} | {c['median']:.3f} | {c['mean']:.3f} | "
+                   f"{u['median']:.3f} | {u['mean']:.3f} | {c['count']:.0f} |")
+  return "\n".join(lines)
+
+
+def _table(rows: Sequence[dict], keys: Sequence[str]) -> str:
+  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+  return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                   + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
+
+
+def markdown_report(results: dict[str, Any], study: Sequence[dict] | None = None) -> str:
+  """The aggregate table, the sparse-vocal breakdown and the segment study as markdown."""
+  text = ["## Aggregate (over tracks)", markdown_table(results),
+          f"\n## Vocal activity (1-s frames with vocal RMS >= {ACTIVITY_THRESHOLD_DB:g} dBFS)",
+          _table(results["sparse"], ["activity", "tracks", "vocals_csdr_median",
+                                     "vocals_usdr_mean", "accompaniment_csdr_median"])]
+  if study:
+    text += ["\n## Segment length (no overlap)",
+             _table(study, ["segment", "vocals_csdr_median", "vocals_csdr_mean",
+                            "vocals_usdr_median", "vocals_usdr_mean"])]
+  return "\n".join(text)
+
+
+def _write_csv(path: str, rows: Sequence[dict]):
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _plot_tracks(path: str, rows: Sequence[dict]):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = [r["track"] for r in rows]
+  x = np.arange(len(rows))
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4))
+  for i, key in enumerate(SCORES):
+    ax.bar(x + (i - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=key)
+  ax.set_xticks(x, names, rotation=90, fontsize=7)
+  ax.set_ylabel("SDR (dB)")
+  ax.set_title("Per-track scores")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _plot_segments(path: str, study: Sequence[dict]):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  seg = [r["segment"] for r in study]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(seg, [r["vocals_csdr_median"] for r in study], "o-", label="vocals cSDR (median)")
+  ax.plot(seg, [r["vocals_usdr_mean"] for r in study], "s-", label="vocals uSDR (mean)")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(seg, [f"{s:g}" for s in seg])
+  ax.set_xlabel("segment length (s), no overlap")
+  ax.set_ylabel("SDR (dB)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+OUTPUT_FILES = ("per_track.csv", "results.json", "results.md", "per_track.png",
+                "sparse_vocals.csv", "segment_study.csv", "sdr_vs_segment.png")
+
+
+def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict] | None = None,
+                  *, overwrite: bool = False) -> list[str]:
+  """Writes CSV, JSON, markdown and PNG reports into `output_dir`; returns their paths.
+
+  Refuses to replace earlier reports there unless `overwrite`.
+  """
+  existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
+  if existing and not overwrite:
+    raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "
+                          "--overwrite or another --output_dir")
+  os.makedirs(output_dir, exist_ok=True)
+  path = lambda name: os.path.join(output_dir, name)
+  _write_csv(path("per_track.csv"), results["tracks"])
+  _write_csv(path("sparse_vocals.csv"), results["sparse"])
+  _plot_tracks(path("per_track.png"), results["tracks"])
+  written = ["per_track.csv", "sparse_vocals.csv", "per_track.png"]
+  if study:
+    _write_csv(path("segment_study.csv"), study)
+    _plot_segments(path("sdr_vs_segment.png"), study)
+    written += ["segment_study.csv", "sdr_vs_segment.png"]
+  with open(path("results.json"), "w") as f:
+    json.dump(dict(results, segment_study=list(study or [])), f, indent=1)
+  with open(path("results.md"), "w") as f:
+    f.write("# Evaluation\n\n" + markdown_report(results, study) + "\n")
+  return [path(f) for f in written + ["results.json", "results.md"]]
+
+
+def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "evaluation",
+        *, segment: float = 8.0, overlap: float = 0.0, batch_size: int = 1,
+        segments: Sequence[float] = (), max_tracks: int | None = None, overwrite: bool = False,
+        progress: bool = True) -> tuple[dict, list[dict], list[str]]:
+  """Evaluates a checkpoint (main setting + optional segment study) and writes the reports.
+
+  Returns (results, segment study rows, written paths).
+  """
+  from bsmamba2_jax import checkpoints
+  from bsmamba2_jax.separation import Separator
+
+  existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
+  if existing and not overwrite:  # checked before the long run, again when writing
+    raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "
+                          "--overwrite or another --output_dir")
+  model, params = checkpoints.load_model(checkpoint)
+  make = lambda seg, ov: Separator.from_model(model, params, segment=seg, overlap=ov,
+                                              batch_size=batch_size)
+  results = evaluate(make(segment, overlap), data_dir, split, progress=progress,
+                     max_tracks=max_tracks)
+  study = segment_study(lambda seg: make(seg, 0.0), segments, data_dir, split,
+                        progress=progress, max_tracks=max_tracks)
+  return results, study, write_results(output_dir, results, study, overwrite=overwrite)
