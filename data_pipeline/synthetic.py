@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 
+from absl import app, flags
 import numpy as np
 import scipy.signal
 import soundfile as sf
@@ -495,7 +496,6 @@ def generate_dataset(output_dir: str, *, num_train: int, num_test: int, seconds:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   values = flags.FLAGS
   path = generate_dataset(values.output_dir, num_train=values.num_train,
                           num_test=values.num_test, seconds=values.seconds, seed=values.seed,
@@ -504,8 +504,7 @@ def main(argv):
   print(f"synthetic MUSDB18-HQ layout in {path}")
 
 
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+if __name__ == "__main__":  # flags only for the CLI: importers keep their own flag names
   flags.DEFINE_string("output_dir", None, "Destination folder.", required=True)
   flags.DEFINE_integer("num_train", 20, "Songs under train/ (validation songs included).")
   flags.DEFINE_integer("num_test", 10, "Songs under test/ (odd ones have sparse vocals).")

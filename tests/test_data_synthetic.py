@@ -79,6 +79,14 @@ def test_vocals_are_harmonic_with_moving_pitch(root):
   assert np.ptp(pitches) > 5  # the melody / vibrato moves
 
 
+def test_formant_filter_with_a_flat_response_is_the_identity():
+  x = np.random.default_rng(0).standard_normal(5000)
+  frames = len(range(0, 5000 + 512, 512))
+  flat = np.ones((frames, 1))
+  y = synthetic._formant_filter(x, 0 * flat, 1e12 * flat, flat)  # pylint: disable=protected-access
+  np.testing.assert_allclose(y, x, atol=1e-5)
+
+
 def test_deterministic_by_seed(root, tmp_path):
   again = synthetic.generate_dataset(str(tmp_path / "again"), num_train=3, num_test=2,
                                      seconds=12, seed=3)
