@@ -7,8 +7,8 @@ zero-padded to n_fft, centred, as torch does.
 Framing gathers whole frames (vmapped dynamic slices, one start per frame);
 overlap-add is its linear transpose, a scatter-add of whole frames. On XLA:CPU
 this beats both element-index gathers and reshape/pad framing, forward and
-backward. The transforms always run in float32 / complex64,
-whatever the input dtype, so a bf16 model still sees an fp32 front end.
+backward. The transforms always run in float32 / complex64, whatever the input
+dtype, so a bf16 model still sees an fp32 front end.
 
 Shapes: waveforms (..., samples); spectra (..., n_fft // 2 + 1, frames) with
 frames = 1 + samples // hop_length.
