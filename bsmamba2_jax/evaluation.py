@@ -165,7 +165,8 @@ def markdown_report(results: dict[str, Any], study: Sequence[dict] | None = None
 
 def _write_csv(path: str, rows: Sequence[dict]):
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # empty buckets lack scores
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
 
@@ -255,8 +256,14 @@ def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "
     raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "
                           "--overwrite or another --output_dir")
   model, params = checkpoints.load_model(checkpoint)
-  make = lambda seg, ov: Separator.from_model(model, params, segment=seg, overlap=ov,
-                                              batch_size=batch_size)
+  separators = {}
+
+  def make(seg, ov):  # one compiled separator per chunk shape
+    if (seg, ov) not in separators:
+      separators[seg, ov] = Separator.from_model(model, params, segment=seg, overlap=ov,
+                                                 batch_size=batch_size)
+    return separators[seg, ov]
+
   results = evaluate(make(segment, overlap), data_dir, split, progress=progress,
                      max_tracks=max_tracks)
   study = segment_study(lambda seg: make(seg, 0.0), segments, data_dir, split,

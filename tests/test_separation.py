@@ -351,3 +351,62 @@ def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
     written = sf.read(str(out_dir / "good" / f"{stem}.wav"), dtype="float32")[0].T
     assert np.isfinite(written).all() and np.abs(written).max() > 0
     np.testing.assert_allclose(written, expected[stem], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+_RSS_CHILD = """
+import resource, sys
+import numpy as np, soundfile as sf
+from bsmamba2_jax.separation import Separator, separate_files
+path, out_dir, model = sys.argv[1:4]
+if model == "identity":
+  separator = Separator(lambda c: c, segment=8.0, overlap=0.25, batch_size=2)
+else:
+  import jax
+  from bsmamba2_jax.checkpoints import abstract_params
+  from bsmamba2_jax.model import BSMamba2, ModelConfig
+  config = ModelConfig.preset("tiny")
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
+  separator = Separator.from_model(BSMamba2(config), params, segment=8.0, overlap=0.25,
+                                   batch_size=2)
+[result] = separate_files([path], separator=separator, output_dir=out_dir, progress=False)
+assert result.error is None, result.error
+assert sf.info(result.outputs["vocals"]).frames == sf.info(path).frames
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_mib(tmp_path, seconds, rate, model):
+  """Peak RSS (MiB) of a fresh process separating a generated `seconds` stereo file."""
+  import subprocess
+  import sys
+
+  path = str(tmp_path / f"long{seconds}.wav")
+  rng = np.random.default_rng(0)
+  with sf.SoundFile(path, "w", samplerate=rate, channels=2, subtype="PCM_16") as f:
+    for _ in range(int(seconds)):  # written in 1-s blocks: the test never holds the file
+      f.write(0.1 * rng.standard_normal((rate, 2)))
+  proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, path, str(tmp_path / "out"), model],
+                        capture_output=True, text=True, timeout=1800,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return int(proc.stdout.split()[-1]) / 1024
+
+
+def test_peak_memory_does_not_grow_with_length(tmp_path):
+  # 600 s of 48 kHz stereo is 220 MiB as float32 samples; streaming keeps only a few chunks.
+  short = _peak_rss_mib(tmp_path, 60, 48000, "identity")
+  long = _peak_rss_mib(tmp_path, 600, 48000, "identity")
+  print(f"peak RSS identity separator: 60 s {short:.1f} MiB, 600 s {long:.1f} MiB")
+  assert long - short < 20
+
+
+@pytest.mark.slow
+def test_peak_memory_tiny_model_long_file(tmp_path):
+  short = _peak_rss_mib(tmp_path, 60, 44100, "tiny")
+  long = _peak_rss_mib(tmp_path, 600, 44100, "tiny")
+  print(f"peak RSS tiny model: 60 s {short:.1f} MiB, 600 s {long:.1f} MiB")
+  assert long - short < 50
