@@ -100,46 +100,56 @@ def _associative(x, a, dt, B, C, state):
 
 def _segment_sums(a):
   """L-exponents without cancellation. a (..., q) -> (..., q, q) with out[..., i, j] =
-  Σ_{k=j+1..i} a_k for i >= j and -inf above the diagonal."""
+  Σ_{k=j+1..i} a_k for i >= j and -inf above the diagonal.
+
+  The masked repeat window[i, j, k] = [j < k <= i] is summed by one contraction (a single GEMM
+  over all heads and chunks; XLA:CPU lowers a cumulative sum to an O(q) reduce-window per
+  element). Every term of a sum has the sign of dt·A, so no cancellation occurs; HIGHEST
+  precision keeps accelerators from rounding a to bf16/tf32 inside the contraction.
+  """
   q = a.shape[-1]
-  repeated = jnp.broadcast_to(a[..., :, None], a.shape + (q,))  # [..., k, j] = a_k
-  strictly_lower = jnp.tril(jnp.ones((q, q), bool), -1)  # k > j
-  sums = jnp.cumsum(jnp.where(strictly_lower, repeated, 0.0), axis=-2)  # Σ_{j<k<=i} a_k
-  return jnp.where(jnp.tril(jnp.ones((q, q), bool)), sums, -jnp.inf)
+  k = jnp.arange(q)
+  window = (k[None, None, :] <= k[:, None, None]) & (k[None, None, :] > k[None, :, None])
+  sums = jnp.einsum("...k,ijk->...ij", a, window.astype(a.dtype), precision=lax.Precision.HIGHEST)
+  return jnp.where(k[:, None] >= k[None, :], sums, -jnp.inf)  # mask before exp
 
 
 def _chunked(x, a, dt, B, C, state, chunk_size):
   """Chunked SSD. Shapes as in `_sequential`; seqlen is padded to a multiple of the chunk."""
-  batch, seqlen = x.shape[:2]
+  batch, seqlen, ngroups, heads, headdim = x.shape
+  d_state = B.shape[-1]
   q = min(chunk_size, seqlen)
   pad = -seqlen % q
-  if pad:
+  if pad:  # dt = x = 0 (so a = 0): the padded steps leave the state unchanged
     pad_time = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-    x, a, dt, B, C = map(pad_time, (x, a, dt, B, C))  # a = dt = x = 0: states pass unchanged
+    x, a, dt, B, C = map(pad_time, (x, a, dt, B, C))
   nchunks = x.shape[1] // q
-  to_chunks = lambda v: v.reshape((batch, nchunks, q) + v.shape[2:])
-  x, a, dt, B, C = map(to_chunks, (x, a, dt, B, C))
-  xdt = x * dt[..., None]                                # (b, c, l, g, h, p)
-  a = jnp.einsum("bclgh->bcghl", a)
-  a_cumsum = jnp.cumsum(a, axis=-1)                      # Σ_{k<=l}: decay from chunk start
-  decay = jnp.exp(_segment_sums(a))                      # (b, c, g, h, l, s)
+  # Chunk-major layouts so that every contraction below is a plain batched matmul.
+  xdt = jnp.einsum("bclghp->bcghlp", (x * dt[..., None]).reshape(
+      batch, nchunks, q, ngroups, heads, headdim))
+  a = jnp.einsum("bclgh->bcghl", a.reshape(batch, nchunks, q, ngroups, heads))
+  B = jnp.einsum("bclgn->bcgln", B.reshape(batch, nchunks, q, ngroups, d_state))
+  C = jnp.einsum("bclgn->bcgln", C.reshape(batch, nchunks, q, ngroups, d_state))
+  a_cumsum = jnp.cumsum(a, axis=-1)                     # (b, c, g, h, l): Σ_{k<=l} a_k
+  decay = jnp.exp(_segment_sums(a))                     # (b, c, g, h, l, s): L
 
   # Outputs from inputs of the same chunk: (C Bᵀ ∘ L) X.
-  scores = jnp.einsum("bclgn,bcsgn->bcgls", C, B)
-  y_diag = jnp.einsum("bcgls,bcghls,bcsghp->bclghp", scores, decay, xdt)
+  scores = jnp.einsum("bcgln,bcgsn->bcgls", C, B)
+  y = jnp.einsum("bcghls,bcghsp->bcghlp", scores[:, :, :, None] * decay, xdt)
 
-  # Each chunk's contribution to the state at its end (decay from s to the chunk end).
-  chunk_states = jnp.einsum("bcsgn,bcghs,bcsghp->bcghpn", B, decay[..., -1, :], xdt)
+  # Each chunk's contribution to the state at its end: decay from step s to the chunk end.
+  chunk_states = jnp.einsum("bcghsp,bcgsn->bcghpn", xdt * decay[..., -1, :, None], B)
 
-  # States at chunk ends, carried across chunks; prev_states[c] = state entering chunk c.
-  chunk_states = chunk_states.at[:, 0].add(jnp.exp(a_cumsum[:, 0, ..., -1])[..., None, None] * state)
-  _, end_states = lax.associative_scan(_combine, (a_cumsum[..., -1], chunk_states), axis=1)
+  # State at each chunk end, carried across chunks; prev_states[:, c] enters chunk c.
+  chunk_decay = a_cumsum[..., -1]                       # (b, c, g, h)
+  chunk_states = chunk_states.at[:, 0].add(jnp.exp(chunk_decay[:, 0])[..., None, None] * state)
+  _, end_states = lax.associative_scan(_combine, (chunk_decay, chunk_states), axis=1)
   prev_states = jnp.concatenate([state[:, None], end_states[:, :-1]], axis=1)
 
-  # Outputs from the state entering the chunk.
-  y_off = jnp.einsum("bclgn,bcghpn,bcghl->bclghp", C, prev_states, jnp.exp(a_cumsum))
+  # Outputs from the state entering the chunk, decayed to each step.
+  y = y + jnp.einsum("bcgln,bcghpn->bcghlp", C, prev_states) * jnp.exp(a_cumsum)[..., None]
 
-  y = (y_diag + y_off).reshape((batch, nchunks * q) + y_diag.shape[3:])
+  y = jnp.einsum("bcghlp->bclghp", y).reshape(batch, nchunks * q, ngroups, heads, headdim)
   return y[:, :seqlen], end_states[:, -1]
 
 
