@@ -1,0 +1,66 @@
+"""Separation speed: real-time factor of `paper` (random init) and `tiny` on stereo audio.
+
+The whole `Separator.separate` path (8-s chunks, overlap 0.25, batch 1) on 60 s of stereo
+noise at 44.1 kHz; one untimed call compiles first. Paper-size CPU runs are slow, so `paper` is
+measured on PAPER_SECONDS and scaled to 60 s by the number of chunks (the cost is linear in
+it); the row says which duration was measured.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from experiments.benchmarks import common
+
+SECONDS = 60.0
+PAPER_SECONDS = 16.0
+SEGMENT, OVERLAP = 8.0, 0.25
+
+
+def _chunks(seconds: float) -> int:
+  hop = SEGMENT * (1 - OVERLAP)
+  return 1 + int(np.ceil(max(0.0, seconds - SEGMENT) / hop))
+
+
+def _random_params(config, seed=0):
+  """Parameters of the right shapes, N(0, 0.02²): the timing does not depend on their values."""
+  import jax
+
+  from bsmamba2_jax.checkpoints import abstract_params
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32),
+      abstract_params(config))
+
+
+def _row(preset: str, seconds: float) -> dict:
+  from bsmamba2_jax.model import BSMamba2, ModelConfig
+  from bsmamba2_jax.separation import Separator
+
+  config = ModelConfig.preset(preset)
+  separator = Separator.from_model(BSMamba2(config), _random_params(config), segment=SEGMENT,
+                                   overlap=OVERLAP, batch_size=1)
+  audio = (0.1 * np.random.default_rng(0).standard_normal((2, int(seconds * 44100))))
+  audio = audio.astype(np.float32)
+  start = time.perf_counter()
+  separator.separate(audio[:, :separator.segment_samples], 44100)  # compile
+  compile_s = time.perf_counter() - start
+  row = common.timed(f"separate {preset}", lambda: separator.separate(audio, 44100),
+                     repeats=1, warmup=0, preset=preset, measured_audio_s=seconds)
+  wall_60 = row["median_s"] * _chunks(SECONDS) / _chunks(seconds)
+  row.update(audio_s=SECONDS, wall_s_for_60s=wall_60, realtime_factor=SECONDS / wall_60,
+             wall_per_audio=wall_60 / SECONDS, compile_s=compile_s,
+             extrapolated=seconds != SECONDS)
+  return row
+
+
+def run() -> tuple[list[dict], str]:
+  rows = [_row("tiny", SECONDS), _row("paper", PAPER_SECONDS)]
+  text = common.format_table(rows, ["name", "measured_audio_s", "wall_s_for_60s",
+                                    "realtime_factor", "wall_per_audio", "compile_s",
+                                    "extrapolated"])
+  text += (f"\n\nrealtime_factor = audio seconds / wall seconds (> 1 is faster than real "
+           f"time); {SEGMENT:g}-s chunks, overlap {OVERLAP}, batch 1, stereo 44.1 kHz. "
+           f"`paper` measured on {PAPER_SECONDS:g} s and scaled to {SECONDS:g} s.")
+  return rows, text
