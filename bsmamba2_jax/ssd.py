@@ -153,7 +153,6 @@ def _chunked(x, a, dt, B, C, state, chunk_size):
   return y[:, :seqlen], end_states[:, -1]
 
 
-@functools.partial(jax.jit, static_argnames=("method", "chunk_size", "return_final_state"))
 def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial_state=None,
              return_final_state=False):
   """Runs the Mamba2 SSD recurrence.
@@ -174,7 +173,24 @@ def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial
     y (batch, seqlen, nheads, headdim) in the dtype of x, and, if return_final_state, the
     float32 final state (batch, nheads, headdim, d_state).
   """
+  x, dt, A, B, C = map(jnp.asarray, (x, dt, A, B, C))
+  D = None if D is None else jnp.asarray(D)
+  initial_state = None if initial_state is None else jnp.asarray(initial_state)
   _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size)
+  batch, _, nheads, headdim = x.shape
+  d_state = B.shape[-1]
+  if D is None:
+    D = jnp.zeros((nheads,), jnp.float32)
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, nheads, headdim, d_state), jnp.float32)
+  y, final = _ssd_scan(x, dt, A, B, C, D, initial_state, method=method, chunk_size=chunk_size)
+  return (y, final) if return_final_state else y
+
+
+@functools.partial(jax.jit, static_argnames=("method", "chunk_size"))
+def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size):
+  """`ssd_scan` on checked inputs with D and initial_state filled in: one compilation for both
+  the optional and the given forms. Returns (y, final_state)."""
   batch, seqlen, nheads, headdim = x.shape
   ngroups, d_state = B.shape[2:]
   heads = nheads // ngroups
@@ -183,10 +199,7 @@ def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial
   dtg = dt.astype(f32).reshape(batch, seqlen, ngroups, heads)
   a = dtg * A.astype(f32).reshape(ngroups, heads)
   Bf, Cf = B.astype(f32), C.astype(f32)
-  if initial_state is None:
-    state = jnp.zeros((batch, ngroups, heads, headdim, d_state), f32)
-  else:
-    state = initial_state.astype(f32).reshape(batch, ngroups, heads, headdim, d_state)
+  state = initial_state.astype(f32).reshape(batch, ngroups, heads, headdim, d_state)
 
   if method == "sequential":
     y, final = _sequential(xg, a, dtg, Bf, Cf, state)
@@ -195,10 +208,5 @@ def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial
   else:
     y, final = _chunked(xg, a, dtg, Bf, Cf, state, chunk_size)
 
-  y = y.reshape(batch, seqlen, nheads, headdim)
-  if D is not None:
-    y = y + D.astype(f32)[:, None] * x.astype(f32)
-  y = y.astype(x.dtype)
-  if return_final_state:
-    return y, final.reshape(batch, nheads, headdim, d_state)
-  return y
+  y = y.reshape(batch, seqlen, nheads, headdim) + D.astype(f32)[:, None] * x.astype(f32)
+  return y.astype(x.dtype), final.reshape(batch, nheads, headdim, d_state)
