@@ -1,0 +1,90 @@
+"""SSD scan benchmark: the three `ssd_scan` methods at the paper's shapes, forward and fwd+bwd.
+
+Paper shapes (one 8-s example): the time path scans 62 sequences × 801 steps, the band path
+801 sequences × 62 steps; 16 heads, headdim 64, d_state 128, ngroups 1.
+
+"sequential" fwd+bwd stores a (16, 64, 128) float32 state per step and sequence (26 GB on the
+time path) and "associative" materialises all of them even forward, so those rows are measured
+on as many sequences as fit `MEMORY_BUDGET` and scaled linearly to the full batch (column
+`batch` gives the measured batch, `full_s` the scaled median). Scaling is favourable to them:
+a small batch keeps their per-step state in cache. A chunk-size sweep of "chunked" fwd+bwd on a
+few time-path sequences closes the section.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bsmamba2_jax.ssd import METHODS, ssd_scan
+from experiments.benchmarks.common import format_table, timed
+
+NHEADS, HEADDIM, D_STATE = 16, 64, 128
+PATHS = (("time", 62, 801), ("band", 801, 62))  # (name, sequences, steps)
+MEMORY_BUDGET = 2e9  # bytes of per-step states a sub-batched measurement may hold
+STATES_PER_STEP = {  # per-step full states held, per sequence, by method and direction
+    ("sequential", "fwd"): 0, ("sequential", "fwd+bwd"): 1.5,
+    ("associative", "fwd"): 3, ("associative", "fwd+bwd"): 8,
+    ("chunked", "fwd"): 0, ("chunked", "fwd+bwd"): 0,
+}
+SWEEP_CHUNKS, SWEEP_BATCH = (16, 32, 64, 128, 256), 4
+
+
+def _inputs(batch: int, seqlen: int):
+  """Random scan inputs shaped like the Mamba2 mixer's (dt softplus'ed, A = -(1..16))."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(keys[0], (batch, seqlen, NHEADS, HEADDIM))
+  dt = jax.nn.softplus(jax.random.normal(keys[1], (batch, seqlen, NHEADS)) - 3.0)
+  A = -jnp.arange(1.0, NHEADS + 1.0)
+  B = jax.random.normal(keys[2], (batch, seqlen, 1, D_STATE))
+  C = jax.random.normal(keys[3], (batch, seqlen, 1, D_STATE))
+  return x, dt, A, B, C, jnp.ones((NHEADS,))
+
+
+def _step(method: str, direction: str, chunk_size: int = 64):
+  """Jitted forward (y) or forward+backward (gradients w.r.t. x, dt, A, B, C, D)."""
+  scan = lambda *args: ssd_scan(*args, method=method, chunk_size=chunk_size)
+  if direction == "fwd":
+    return jax.jit(scan)
+  return jax.jit(jax.grad(lambda *args: jnp.sum(scan(*args) ** 2), argnums=tuple(range(6))))
+
+
+def _measured_batch(method: str, direction: str, batch: int, seqlen: int) -> int:
+  state_bytes = seqlen * NHEADS * HEADDIM * D_STATE * 4 * STATES_PER_STEP[(method, direction)]
+  if state_bytes == 0:
+    return batch
+  return max(1, min(batch, int(MEMORY_BUDGET // state_bytes)))
+
+
+def run() -> tuple[list[dict], str]:
+  rows = []
+  for path, batch, seqlen in PATHS:
+    for direction in ("fwd", "fwd+bwd"):
+      group = []
+      for method in ("sequential", "associative", "chunked"):
+        measured = _measured_batch(method, direction, batch, seqlen)
+        args = _inputs(measured, seqlen)
+        step = _step(method, direction)
+        repeats = 3 if method == "chunked" else 2
+        row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=repeats,
+                    path=f"{path} {batch}x{seqlen}", method=method, direction=direction,
+                    batch=measured, chunk_size=64 if method == "chunked" else None)
+        row["full_s"] = row["median_s"] * batch / measured
+        group.append(row)
+      for row in group:
+        row["speedup"] = group[0]["full_s"] / row["full_s"]
+      rows += group
+  table = format_table(rows, ["path", "method", "direction", "batch", "median_s", "min_s",
+                              "max_s", "full_s", "speedup"])
+
+  sweep = []
+  args = _inputs(SWEEP_BATCH, 801)
+  for chunk_size in SWEEP_CHUNKS:
+    step = _step("chunked", "fwd+bwd", chunk_size)
+    sweep.append(timed(f"ssd chunked fwd+bwd Q={chunk_size}", lambda: step(*args), repeats=2,
+                       path=f"time {SWEEP_BATCH}x801", method="chunked", direction="fwd+bwd",
+                       batch=SWEEP_BATCH, chunk_size=chunk_size))
+  sweep_table = format_table(sweep, ["path", "chunk_size", "median_s", "min_s", "max_s"])
+  text = (f"Methods {METHODS}; `full_s` = median scaled to the full batch; speed-up over "
+          f"\"sequential\" at the same path and direction.\n\n{table}\n\n"
+          f"Chunk size, \"chunked\" fwd+bwd:\n\n{sweep_table}")
+  return rows + sweep, text
