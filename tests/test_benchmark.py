@@ -1,0 +1,149 @@
+"""Benchmark report machinery on microscopic shapes: torch peers, FLOP formula, report files."""
+import json
+import math
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsmamba2_jax.model import BSMamba2, ModelConfig
+from experiments.benchmarks import limit, report, scaling
+
+
+def _reference_scan(x, dt, A, B, C, D):
+  """float64 NumPy recurrence of SPEC §3 step 4, head h reading group h // (H / G)."""
+  x, dt, A, B, C, D = (np.asarray(v, np.float64) for v in (x, dt, A, B, C, D))
+  batch, seqlen, heads, headdim = x.shape
+  group = np.arange(heads) // (heads // B.shape[2])
+  state = np.zeros((batch, heads, headdim, B.shape[3]))
+  y = np.zeros_like(x)
+  for t in range(seqlen):
+    Bt, Ct = B[:, t, group], C[:, t, group]                     # (b, h, n)
+    state = (np.exp(dt[:, t] * A)[..., None, None] * state
+             + dt[:, t, :, None, None] * x[:, t, :, :, None] * Bt[:, :, None, :])
+    y[:, t] = np.einsum("bhpn,bhn->bhp", state, Ct) + D[:, None] * x[:, t]
+  return y
+
+
+def _small_inputs(seed=0, batch=2, seqlen=37, heads=4, headdim=8, ngroups=2, d_state=16):
+  rng = np.random.default_rng(seed)
+  f32 = lambda a: np.asarray(a, np.float32)
+  return (f32(rng.standard_normal((batch, seqlen, heads, headdim))),
+          f32(np.log1p(np.exp(rng.standard_normal((batch, seqlen, heads))))),
+          f32(-rng.uniform(0.5, 4.0, heads)),
+          f32(rng.standard_normal((batch, seqlen, ngroups, d_state))),
+          f32(rng.standard_normal((batch, seqlen, ngroups, d_state))),
+          f32(rng.standard_normal(heads)))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, 64])
+def test_torch_peers_match_float64_recurrence(chunk_size):
+  torch = pytest.importorskip("torch")
+  from experiments.benchmarks import torch_ssd
+  arrays = _small_inputs()
+  expected = _reference_scan(*arrays)
+  tensors = [torch.from_numpy(a) for a in arrays]
+  chunked = torch_ssd.ssd_chunked(*tensors, chunk_size=chunk_size).numpy()
+  np.testing.assert_allclose(chunked, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  if chunk_size == 1:
+    loop = torch_ssd.ssd_loop(*tensors).numpy()
+    np.testing.assert_allclose(loop, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_torch_chunked_gradients_finite_with_padding():
+  torch = pytest.importorskip("torch")
+  from experiments.benchmarks import torch_ssd
+  tensors = [torch.from_numpy(a).requires_grad_(True) for a in _small_inputs(seqlen=21)]
+  torch_ssd.ssd_chunked(*tensors, chunk_size=16).square().sum().backward()
+  assert all(torch.isfinite(t.grad).all() for t in tensors)
+
+
+def test_dense_flops_equal_twice_the_weights_per_use():
+  """Every matmul weight is used once per (band, frame) token in the dual path and once per
+  frame in band split / mask estimator, so dense FLOPs = 2 · Σ weights · uses."""
+  cfg = ModelConfig.preset("small", depth=2)
+  samples = 44100
+  frames, bands = 1 + samples // cfg.hop_length, len(cfg.band_widths)
+  params = jax.eval_shape(lambda: BSMamba2(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, cfg.audio_channels, cfg.n_fft)))["params"])
+  weights = {"layers": 0, "edges": 0}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name:
+      weights["layers" if "layers_" in name else "edges"] += math.prod(leaf.shape)
+  flops = limit.model_flops(cfg, 1, samples)
+  dense = flops["mamba_dense"] + flops["merge"] + flops["band_split"] + flops["mask_estimator"]
+  assert dense == 2 * frames * (bands * weights["layers"] + weights["edges"])
+
+
+def test_paper_forward_flops_near_spec_estimate():
+  total = limit.model_flops(ModelConfig.preset("paper"), 1, 8 * 44100)["total"]
+  assert 2.6e12 < total < 3.4e12  # SPEC §9: ~3.1 TFLOP per 8-s stereo example
+
+
+def test_ssd_flops_match_xla_count_at_time_path_shape():
+  cfg = ModelConfig.preset("paper")
+  length = 801
+  args = [jax.ShapeDtypeStruct(a.shape, jnp.float32)
+          for a in scaling.scan_inputs(1, length, 16, 64, 128)]
+  compiled = jax.jit(scaling.scan_functions("chunked", 64)["fwd"]).lower(*args).compile()
+  xla = scaling.compile_stats(compiled)["xla_flops"]
+  if xla is None:
+    pytest.skip("this backend has no cost analysis")
+  analytic = limit.ssd_flops_per_token(cfg, length) * length
+  assert analytic <= xla < 1.3 * analytic  # XLA also counts exps, masks and the D skip
+
+
+def _fake_section(name, rows, fail=False, monkeypatch=None):
+  module = types.ModuleType(f"experiments.benchmarks.{name}")
+
+  def run(mode="default"):
+    if fail:
+      raise RuntimeError("section exploded")
+    return [dict(r, mode=mode) for r in rows], f"text of {name}"
+
+  module.run = run
+  monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_report_records_failures_targets_and_never_overwrites(tmp_path, monkeypatch):
+  peers = [dict(name="c", peer="jax", method="chunked", direction="fwd+bwd", median_s=0.5,
+                sequences=2, repeats=[0.5]),
+           dict(name="s", peer="jax", method="sequential", direction="fwd+bwd", median_s=6.0),
+           dict(name="l", peer="torch loop", direction="fwd+bwd", median_s=20.0,
+                repeats=[19.0, 20.0, 21.0])]
+  _fake_section("fake_peers", peers, monkeypatch=monkeypatch)
+  _fake_section("fake_broken", [], fail=True, monkeypatch=monkeypatch)
+  first = report.build(["fake_peers", "fake_broken"], "smoke", str(tmp_path), verbose=False)
+  second = report.build(["fake_peers"], "smoke", str(tmp_path), verbose=False)
+  assert second["stem"] == first["stem"] + "-2"
+  saved = json.loads((tmp_path / (first["stem"].split("/")[-1] + ".json")).read_text())
+  assert saved["sections"]["fake_peers"][2]["repeats"] == [19.0, 20.0, 21.0]
+  assert saved["sections"]["fake_peers"][0]["mode"] == "smoke"
+  assert "section exploded" in saved["section_info"]["fake_broken"]["error"]["message"]
+  assert "failed" in open(first["stem"] + ".md").read()
+  found = report.targets({"peers": peers})
+  assert found[0]["measured"] == pytest.approx(12.0) and found[0]["holds"]
+  assert found[1]["measured"] == pytest.approx(40.0) and not found[1]["holds"]
+  assert found[2]["measured"] is None and found[2]["holds"] is None
+
+
+def test_unknown_mode_and_section_are_clear_errors(tmp_path):
+  from experiments import benchmark
+  with pytest.raises(ValueError, match="unknown mode 'huge'"):
+    report.build([], "huge", str(tmp_path))
+  with pytest.raises(ValueError, match=r"unknown benchmark section\(s\) \['nope'\]"):
+    benchmark.run_benchmarks(["nope"], str(tmp_path))
+
+
+def test_peers_smoke_section_agrees_and_reports_ratios():
+  pytest.importorskip("torch")
+  from experiments.benchmarks import peers
+  rows, text = peers.run("smoke")
+  assert rows[0]["torch_chunked_rel_err"] < 1e-5 and rows[0]["torch_loop_rel_err"] < 1e-5
+  jax_rows = [r for r in rows if r["peer"] == "jax"]
+  assert all(r["vs_torch_loop"] > 0 and r["vs_torch_chunked"] > 0 for r in jax_rows)
+  assert "vs_torch_loop" in text
