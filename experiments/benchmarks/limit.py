@@ -13,8 +13,8 @@ d_inner E = expand·D, H heads of headdim P, G groups, d_state N, chunk Q:
     conv1d         2 · d_conv·(E + 2GN)                    per token
     out_proj       2 · E·D                                 per token
     chunked SSD    per sequence of length L in n = ceil(L/q) chunks of q = min(Q, L):
-                   n·q·(2·q·N·G (C Bᵀ) + 2·q·H·P (masked matmul with X) + 2·q²·H (segment sums,
-                   one GEMM per chunk)) + (n - 1)·q·(2·H·P·N (chunk states) + 2·H·P·N (states
+                   n·q·(2qNG (C Bᵀ) + 2qHP (masked matmul with X) + 2q²H (segment sums,
+                   one GEMM per chunk)) + (n - 1)·q·(2HPN (chunk states) + 2HPN (states
                    to outputs)); the first chunk enters with the zero state and the last
                    chunk's end state feeds nothing
   STFT / iSTFT    ~5·n_fft·log2(n_fft) per frame and channel: < 0.01 % of the total, not counted.
@@ -153,7 +153,8 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
           + f"\n\nReference: jitted fp32 {settings['matmul_n']}² matmul "
           f"{reference['gflops']:.1f} GFLOP/s (median of {len(reference['repeats'])}), same run. "
           "Batch 1, fp32, random audio; train step = value_and_grad of the official loss + "
-          "clip + AdamW, blocks rematerialised. analytic: the formula in `experiments/benchmarks/limit.py` (train step "
-          "= 3 × forward); xla: XLA cost_analysis of the compiled program; of_matmul = "
-          "(analytic / median) / matmul rate.")
+          "clip + AdamW, blocks rematerialised. analytic: the formula in "
+          "`experiments/benchmarks/limit.py` (train step = 3 × forward); xla: XLA "
+          "cost_analysis of the compiled program; of_matmul = (analytic / median) / matmul "
+          "rate.")
   return rows, text

@@ -44,7 +44,7 @@ def run_section(name: str, mode: str) -> dict:
     else:
       rows, text = module.run()
     error = None
-  except Exception as e:  # pylint: disable=broad-except  (a failing section must not stop the report)
+  except Exception as e:  # pylint: disable=broad-except  (a failing section must not stop it)
     rows, text = [], ""
     error = dict(message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
   return dict(rows=rows, text=text, wall_s=time.perf_counter() - start, error=error)
@@ -127,7 +127,7 @@ def plot(sections: dict[str, list[dict]], stem: str) -> list[str]:
     labels = [f"{r['method']}\n{r['direction']}" for r in peers]
     for offset, key in ((-0.2, "vs_torch_loop"), (0.2, "vs_torch_chunked")):
       ax.bar([i + offset for i in range(len(peers))], [r.get(key) or 0 for r in peers], 0.4,
-             label=key.replace("vs_", "vs "))
+             label=key.replace("_", " "))
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(peers)), labels, fontsize=8)
     ax.set(yscale="log", ylabel="torch seconds / JAX seconds", title="JAX ssd_scan vs PyTorch")

@@ -85,7 +85,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=64):
   y = torch.einsum("bcgls,bcghls,bcsghp->bclghp", scores, decay, xdt)
 
   chunk_states = torch.einsum("bcghs,bcsghp,bcsgn->bcghpn", decay[..., -1, :], xdt, B)
-  # Across chunks: state entering chunk z = Σ_{c<z} exp(Σ_{c<k<z} chunk_decay_k) · chunk_states_c.
+  # Across chunks: state entering chunk z = Σ_{c<z} exp(Σ_{c<k<z} chunk_decay_k)·chunk_states_c.
   chunk_decay = F.pad(a_cumsum[..., -1].permute(0, 2, 3, 1), (1, 0))        # (b, g, h, 1+c)
   carry = torch.exp(_segment_sums(chunk_decay))                             # (b, g, h, z, c)
   states = torch.cat([torch.zeros_like(chunk_states[:, :1]), chunk_states], dim=1)
