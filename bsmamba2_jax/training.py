@@ -1,0 +1,140 @@
+"""Train state, optimiser, EMA and the pure training / evaluation steps (SPEC §5).
+
+`train_step` is written once for `jax.pmap(..., axis_name="batch")`: gradients and the loss are
+averaged over the axis with `lax.pmean`, so every device applies the same update. With one
+device, pmap over one device runs the same code. Mixed precision is the model's business
+(`ModelConfig.dtype`); parameters, optimiser state, EMA and the loss stay fp32.
+
+A step whose loss or gradients are not finite changes nothing but `step` (the data position),
+`rng` and the `skipped` counter.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+NO_DECAY_PARAMS = ("A_log", "D", "dt_bias")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run needs to continue, as one pytree.
+
+  step:       () int32, batches consumed so far (the data-pipeline position).
+  params:     the Flax params tree (fp32).
+  ema_params: exponential moving average of `params` (per optimiser update).
+  opt_state:  the Optax state of `make_optimizer`.
+  rng:        (2,) uint32 PRNG key, advanced every step.
+  skipped:    () int32, steps dropped for a non-finite loss or gradient.
+  """
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+  skipped: jax.Array
+
+  @classmethod
+  def create(cls, params: Any, optimizer: optax.GradientTransformation,
+             rng: jax.Array) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               ema_params=jax.tree_util.tree_map(jnp.array, params),
+               opt_state=optimizer.init(params), rng=rng, skipped=jnp.zeros((), jnp.int32))
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for every parameter except the Mamba2 `A_log`, `D`, `dt_bias` (mamba_ssm's no-decay)."""
+  def decays(path, _):
+    name = getattr(path[-1], "key", getattr(path[-1], "name", None))
+    return name not in NO_DECAY_PARAMS
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate(config: Any, num_updates: int) -> optax.Schedule:
+  """The LR per optimiser update: `config.schedule` "constant" (paper) or "cosine" (to 0),
+  both after `config.warmup_steps` linear warm-up updates."""
+  warmup = int(config.warmup_steps)
+  if config.schedule == "constant":
+    if warmup == 0:
+      return optax.constant_schedule(config.lr)
+    return optax.warmup_constant_schedule(0.0, config.lr, warmup)
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
+                                              decay_steps=max(num_updates, warmup + 1))
+  raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.schedule!r}")
+
+
+def make_optimizer(config: Any, *, num_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW, optionally accumulated over `config.accumulate` batches.
+
+  `config` has lr, b1, b2, eps, weight_decay, clip, warmup_steps, schedule, no_decay_mask
+  (bool) and accumulate (int ≥ 1); `num_steps` counts batches (the schedule counts updates).
+  """
+  accumulate = int(config.accumulate)
+  if accumulate < 1:
+    raise ValueError(f"optimizer.accumulate must be >= 1, got {accumulate}")
+  chain = optax.chain(
+      optax.clip_by_global_norm(config.clip),
+      optax.adamw(learning_rate(config, num_steps // accumulate), b1=config.b1, b2=config.b2,
+                  eps=config.eps, weight_decay=config.weight_decay,
+                  mask=weight_decay_mask if config.no_decay_mask else None))
+  if accumulate == 1:
+    return chain
+  return optax.MultiSteps(chain, every_k_schedule=accumulate).gradient_transformation()
+
+
+def _applied_update(opt_state: Any) -> jax.Array:
+  """Whether the update just computed changed the parameters (False while accumulating)."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.mini_step == 0
+  return jnp.array(True)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def train_step(state: TrainState, batch: dict, *, model: Any,
+               optimizer: optax.GradientTransformation,
+               loss_fn: Callable[[jax.Array, jax.Array], jax.Array], ema_decay: float,
+               axis_name: str | None = "batch") -> tuple[TrainState, dict]:
+  """One optimiser micro-step on `batch` {"mixture", "vocals"}: (b, C, N) float32 per device.
+
+  Returns the new state and metrics {"loss", "grad_norm", "finite", "skipped"} (scalars,
+  identical on every device). `axis_name=None` runs without collectives (plain `jax.jit`).
+  """
+  def objective(params):
+    estimate = model.apply({"params": params}, batch["mixture"])
+    return loss_fn(estimate.astype(jnp.float32), batch["vocals"])
+
+  loss, grads = jax.value_and_grad(objective)(state.params)
+  if axis_name is not None:
+    loss, grads = jax.lax.pmean((loss, grads), axis_name)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  update_ema = _applied_update(opt_state)
+  ema_params = jax.tree_util.tree_map(
+      lambda e, p: jnp.where(update_ema, ema_decay * e + (1.0 - ema_decay) * p, e),
+      state.ema_params, params)
+
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  rng, _ = jax.random.split(state.rng)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      ema_params=keep(ema_params, state.ema_params),
+      opt_state=keep(opt_state, state.opt_state), rng=rng,
+      skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
+  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), finite=finite,
+                 skipped=new_state.skipped)
+  return new_state, metrics
+
+
+def eval_step(params: Any, mixture: jax.Array, *, model: Any) -> jax.Array:
+  """Estimated vocals (b, C, N) float32 for `mixture` (b, C, N) with `params` (e.g. the EMA)."""
+  return model.apply({"params": params}, mixture).astype(jnp.float32)

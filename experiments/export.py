@@ -1,0 +1,80 @@
+"""Exports inference weights: `python -m experiments.export --workdir=W --output_dir=D`.
+
+Reads the training run in `W` (its `config.json` and `checkpoints/`), takes the EMA parameters
+(`--use_ema=false`: the raw ones) of the latest checkpoint (`--step=N`: that step; `--best`: the
+best by validation uSDR) and writes them with the model config as an Orbax export that
+`load_model`, `separate` and `evaluate` read.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+import ml_collections
+
+from bsmamba2_jax import checkpoints
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the export is written.")
+_USE_EMA = flags.DEFINE_bool("use_ema", True, "Export the EMA weights (else the raw ones).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_BEST = flags.DEFINE_bool("best", False, "Export the best checkpoint by validation uSDR.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in output_dir.")
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The experiment config a training run recorded in `workdir/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir}: not a training workdir (no config.json)")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: corrupted config ({e})") from None
+
+
+def restore_state(workdir: str, *, step: int | None = None, best: bool = False):
+  """The host TrainState saved in `workdir` at `step` (default latest; `best`: best uSDR)."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  experiment = train.Experiment(read_config(workdir))
+  manager = checkpoints.TrainingCheckpoints(os.path.join(workdir, "checkpoints"))
+  try:
+    if best:
+      step = manager.best_step()
+    available = manager.all_steps()
+    if not available:
+      raise FileNotFoundError(f"{workdir}: no training checkpoint in checkpoints/")
+    if step is not None and step not in available:
+      raise ValueError(f"{workdir}: no checkpoint at step {step}; have {available}")
+    state, _ = manager.restore(experiment.abstract_state(), step=step)
+  finally:
+    manager.close()
+  return state
+
+
+def export(workdir: str, output_dir: str, *, use_ema: bool = True, step: int | None = None,
+           best: bool = False, overwrite: bool = False) -> str:
+  """Writes the chosen weights of the run in `workdir` to `output_dir`; returns its path."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = read_config(workdir)
+  state = restore_state(workdir, step=step, best=best)
+  metadata = dict(source=os.path.abspath(workdir), step=int(state.step),
+                  weights="ema" if use_ema else "raw", skipped_steps=int(state.skipped))
+  return checkpoints.save_inference(
+      output_dir, train.model_config(config), state.ema_params if use_ema else state.params,
+      overwrite=overwrite, metadata=metadata)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  path = export(_WORKDIR.value, _OUTPUT_DIR.value, use_ema=_USE_EMA.value, step=_STEP.value,
+                best=_BEST.value, overwrite=_OVERWRITE.value)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "output_dir"])
+  app.run(main)

@@ -1,0 +1,329 @@
+"""Trains BSMamba2: `python -m experiments.train --config=experiments/configs/tiny.py --workdir=W`.
+
+Any config field can be overridden, e.g. `--config.train.num_steps=1000 --config.optimizer.lr=1e-3
+--config.data.dir=/data/musdb18hq`. A run resumes from the latest checkpoint in `W/checkpoints`
+automatically; SIGTERM/SIGINT save a checkpoint and stop. Logs: `W/metrics.csv`, TensorBoard
+events in `W/tensorboard`, a progress bar. Multi-host: run the same command on every host with
+`--config.distributed.enabled=true` (plus coordinator_address, num_processes, process_id where
+the cluster does not provide them).
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from bsmamba2_jax import checkpoints, losses, metrics, training
+from bsmamba2_jax.model import BSMamba2, ModelConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", None, "Wall-clock budget; stop, save, validate.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+CSV_FIELDS = ("step", "loss", "grad_norm", "skipped", "lr", "steps_per_s", "examples_per_s",
+              "valid_usdr", "valid_csdr", "valid_input_usdr", "elapsed_s")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The ModelConfig of an experiment: preset + set overrides, channels from data.mono, dtype."""
+  overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
+  return ModelConfig.preset(config.model.preset, **overrides,
+                            audio_channels=1 if config.data.mono else 2, dtype=config.precision)
+
+
+def segment_samples(seconds: float, sample_rate: int) -> int:
+  return int(round(seconds * sample_rate))
+
+
+class Experiment:
+  """The model, optimiser, loss and pmapped steps of one experiment config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model_config = model_config(config)
+    self.model = BSMamba2(self.model_config)
+    self.optimizer = training.make_optimizer(config.optimizer, num_steps=config.train.num_steps)
+    self.loss_fn = functools.partial(losses.get_loss(config.train.loss),
+                                     frontend_n_fft=self.model_config.n_fft,
+                                     frontend_hop=self.model_config.hop_length)
+    self.train_step = jax.pmap(
+        functools.partial(training.train_step, model=self.model, optimizer=self.optimizer,
+                          loss_fn=self.loss_fn, ema_decay=config.ema_decay, axis_name="batch"),
+        axis_name="batch", donate_argnums=(0,))
+    self.eval_step = jax.jit(functools.partial(training.eval_step, model=self.model))
+
+  def init_state(self) -> training.TrainState:
+    """The step-0 state (host arrays) for `config.seed`."""
+    rng, init_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    audio = jnp.zeros((1, self.model_config.audio_channels, self.model_config.n_fft), jnp.float32)
+    create = lambda r, x: training.TrainState.create(
+        self.model.init(r, x)["params"], self.optimizer, rng)
+    return jax.device_get(jax.jit(create)(init_rng, audio))
+
+  def abstract_state(self) -> Any:
+    """`init_state` as ShapeDtypeStructs, computed without running the model."""
+    rng, init_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    audio = jnp.zeros((1, self.model_config.audio_channels, self.model_config.n_fft), jnp.float32)
+    return jax.eval_shape(lambda r, x: training.TrainState.create(
+        self.model.init(r, x)["params"], self.optimizer, rng), init_rng, audio)
+
+
+def replicate(tree: Any, devices: int) -> Any:
+  """Host pytree -> one copy per local device, laid out exactly as pmap outputs are (so the
+  first train step does not compile for a different input layout than the later ones)."""
+  stacked = jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (devices,) + np.shape(x)), tree)
+  return jax.pmap(lambda x: x, axis_name="batch", devices=jax.local_devices()[:devices])(stacked)
+
+
+def unreplicate(tree: Any) -> Any:
+  """First device's copy of a pmapped pytree, on the host."""
+  return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+
+def validate(experiment: Experiment, params: Any) -> dict[str, float]:
+  """Mean uSDR, median cSDR (vocals vs accompaniment, 1-s frames) and the mixture's uSDR."""
+  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  config = experiment.config
+  batch_size = config.eval.batch_size
+  usdr, csdr, input_usdr = [], [], []
+  for batch in pipeline.validation_iterator(
+      config.data.dir, segment_seconds=config.eval.segment_seconds, batch_size=batch_size,
+      mono=config.data.mono, split="valid", max_examples=config.eval.max_examples):
+    mixture, vocals = batch["mixture"], batch["vocals"]
+    count = len(mixture)
+    padded = np.pad(mixture, ((0, batch_size - count), (0, 0), (0, 0)))  # One compiled shape.
+    estimate = np.asarray(experiment.eval_step(params, padded))[:count]
+    usdr.append(metrics.usdr(vocals, estimate))
+    input_usdr.append(metrics.usdr(vocals, mixture))
+    for m, v, e in zip(mixture, vocals, estimate):
+      csdr.append(metrics.csdr(np.stack([v, m - v]), np.stack([e, m - e]),
+                               sample_rate=experiment.model_config.sample_rate)[0])
+  csdr = np.asarray(csdr)
+  return dict(valid_usdr=float(np.mean(np.concatenate(usdr))),
+              valid_csdr=float(np.nanmedian(csdr)) if np.isfinite(csdr).any() else float("nan"),
+              valid_input_usdr=float(np.mean(np.concatenate(input_usdr))))
+
+
+class Logger:
+  """Appends rows to `workdir/metrics.csv` and TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    if not enabled:
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    path = os.path.join(workdir, "metrics.csv")
+    new = not os.path.exists(path)
+    self._csv_file = open(path, "a", newline="")
+    self._csv = csv.DictWriter(self._csv_file, CSV_FIELDS)
+    if new:
+      self._csv.writeheader()
+    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, row: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._csv.writerow(dict(step=step, **row))
+    self._csv_file.flush()
+    with self._tb.as_default(step=step):
+      for name, value in row.items():
+        self._tf.summary.scalar(name, value)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._csv_file.close()
+      self._tb.close()
+
+
+def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  dist = config.distributed
+  if not dist.enabled or jax.distributed.is_initialized():
+    return
+  if dist.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+  jax.distributed.initialize(coordinator_address=dist.coordinator_address,
+                             num_processes=dist.num_processes, process_id=dist.process_id)
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates `workdir` and records the config; refuses a workdir of a different model/data."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        previous = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupted config of a previous run ({e})") from None
+    for section in ("model", "precision"):
+      if previous.get(section) != current.get(section):
+        raise ValueError(f"{workdir}: holds a run with a different {section} config "
+                         f"({previous.get(section)} != {current.get(section)}); use a new --workdir")
+  elif jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    os.replace(path + ".tmp", path)
+
+
+def _maybe_generate_data(config: ml_collections.ConfigDict) -> None:
+  synthetic = config.data.synthetic
+  if not synthetic.generate:
+    return
+  if jax.process_index() == 0:
+    from data_pipeline import synthetic as synthetic_data  # pylint: disable=g-import-not-at-top
+    synthetic_data.generate_dataset(config.data.dir, num_train=synthetic.num_train,
+                                    num_test=synthetic.num_test, seconds=synthetic.seconds,
+                                    seed=synthetic.seed)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("synthetic data ready")
+
+
+def _stop_requested(local_stop: bool) -> bool:
+  """True on every process as soon as one process wants to stop."""
+  if jax.process_count() == 1:
+    return local_stop
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.array(local_stop))))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       max_minutes: float | None = None, progress: bool = True) -> dict:
+  """Trains (resuming from `workdir`), validates periodically, and returns a summary dict.
+
+  Stops at `config.train.num_steps`, after `max_minutes` of wall-clock time, or on
+  SIGTERM/SIGINT; in every case the last state is checkpointed. Unless stopped by a signal, a
+  final validation runs. The summary holds step, stop reason, last loss, skipped steps, speed,
+  the last validation metrics and `state` (the final host TrainState).
+  """
+  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  start_time = time.time()
+  _initialize_distributed(config)
+  if not config.data.dir:
+    raise ValueError("config.data.dir is not set (--config.data.dir=/path/to/musdb18hq)")
+  workdir = os.path.abspath(workdir)
+  _prepare_workdir(config, workdir)
+  _maybe_generate_data(config)
+
+  experiment = Experiment(config)
+  devices = jax.local_device_count()
+  global_batch = config.train.per_device_batch_size * jax.device_count()
+  manager = checkpoints.TrainingCheckpoints(os.path.join(workdir, "checkpoints"),
+                                            keep_last=config.keep_last,
+                                            keep_best=config.keep_best)
+  state = experiment.init_state()
+  if manager.latest_step() is not None:
+    state, meta = manager.restore(state)
+    logging.info("resumed from %s at step %d", manager.directory, meta["data_position"])
+  step = int(state.step)
+  lr_schedule = training.learning_rate(config.optimizer,
+                                       config.train.num_steps // config.optimizer.accumulate)
+  batches = pipeline.train_iterator(
+      config.data.dir, segment_seconds=config.data.segment_seconds, local_devices=devices,
+      per_device_batch=config.train.per_device_batch_size, mono=config.data.mono,
+      seed=config.seed, start_step=step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  def save(state_r, metrics_row=None):
+    host = unreplicate(state_r)
+    manager.save(int(host.step), host, meta=dict(data_position=int(host.step)),
+                 metrics=None if metrics_row is None else dict(usdr=metrics_row["valid_usdr"]))
+    return host
+
+  received = []
+  handlers = {}
+  try:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      handlers[signum] = signal.signal(signum, lambda s, _: received.append(s))
+  except ValueError:  # Not the main thread: the caller handles signals.
+    pass
+
+  logger = Logger(workdir, enabled=jax.process_index() == 0)
+  bar = None
+  if progress and jax.process_index() == 0:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=config.train.num_steps, initial=step, desc="train", dynamic_ncols=True)
+  state_r = replicate(state, devices)
+  last = dict(loss=float("nan"))
+  valid = {}
+  stop_reason = "done"
+  tick, tick_step = time.time(), step
+  try:
+    while step < config.train.num_steps:
+      state_r, step_metrics = experiment.train_step(state_r, next(batches))
+      step += 1
+      if bar is not None:
+        bar.update(1)
+      if step % config.log_every == 0 or step == config.train.num_steps:
+        step_metrics = unreplicate(step_metrics)
+        now = time.time()
+        speed = (step - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, step
+        last = dict(loss=float(step_metrics["loss"]), grad_norm=float(step_metrics["grad_norm"]),
+                    skipped=int(step_metrics["skipped"]),
+                    lr=float(lr_schedule(step // config.optimizer.accumulate)),
+                    steps_per_s=speed, examples_per_s=speed * global_batch,
+                    elapsed_s=now - start_time)
+        logger.write(step, last)
+        if bar is not None:
+          bar.set_postfix(loss=f"{last['loss']:.4g}", steps_s=f"{speed:.3g}",
+                          ex_s=f"{speed * global_batch:.3g}")
+      out_of_time = max_minutes is not None and time.time() - start_time > 60 * max_minutes
+      if _stop_requested(bool(received) or out_of_time):
+        stop_reason = "signal" if received else "time"
+        break
+      if step == config.train.num_steps:
+        break
+      if step % config.eval_every == 0:
+        valid = validate(experiment, unreplicate(state_r.ema_params))
+        logger.write(step, valid)
+        save(state_r, valid)
+      elif step % config.ckpt_every == 0:
+        save(state_r)
+    if stop_reason != "signal":
+      valid = validate(experiment, unreplicate(state_r.ema_params))
+      logger.write(step, valid)
+    host = save(state_r, valid or None)
+  finally:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+    if bar is not None:
+      bar.close()
+    logger.close()
+    manager.close()
+  logging.info("stopped at step %d (%s): %s", step, stop_reason, valid)
+  return {**last, **valid, "step": step, "stop_reason": stop_reason, "workdir": workdir,
+          "skipped": int(host.skipped), "global_batch": global_batch, "state": host}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, max_minutes=_MAX_MINUTES.value,
+                               progress=_PROGRESS.value)
+  summary.pop("state")
+  print(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
