@@ -4,11 +4,12 @@ Paper shapes (one 8-s example): the time path scans 62 sequences × 801 steps, t
 801 sequences × 62 steps; 16 heads, headdim 64, d_state 128, ngroups 1.
 
 "sequential" fwd+bwd stores a (16, 64, 128) float32 state per step and sequence (26 GB on the
-time path) and "associative" materialises all of them even forward, so those rows are measured
-on as many sequences as fit `MEMORY_BUDGET` and scaled linearly to the full batch (column
-`batch` gives the measured batch, `full_s` the scaled median). Scaling is favourable to them:
-a small batch keeps their per-step state in cache. A chunk-size sweep of "chunked" fwd+bwd on a
-few time-path sequences closes the section.
+time path) and "associative" materialises all of them even forward, so those two methods run on
+as many sequences as fit `MEMORY_BUDGET` (and, outside mode "full", at most `slow_sequences`)
+and their times are scaled linearly to the full batch (column `batch` gives the measured batch,
+`full_s` the scaled median). Scaling favours them: a small batch keeps their per-step state in
+cache. "chunked" always runs the full batch. A chunk-size sweep of "chunked" fwd+bwd on
+`sweep_batch` time-path sequences closes the section.
 """
 from __future__ import annotations
 
@@ -19,14 +20,21 @@ from bsmamba2_jax.ssd import METHODS, ssd_scan
 from experiments.benchmarks.common import format_table, timed
 
 NHEADS, HEADDIM, D_STATE = 16, 64, 128
-PATHS = (("time", 62, 801), ("band", 801, 62))  # (name, sequences, steps)
 MEMORY_BUDGET = 2e9  # bytes of per-step states a sub-batched measurement may hold
+SETTINGS = {  # per mode: paths (name, sequences, steps), cap on slow-method sequences, sweep
+    "smoke": dict(paths=(("time", 2, 40),), slow_sequences=None,
+                  sweep_chunks=(16,), sweep_batch=1, sweep_steps=40),
+    "default": dict(paths=(("time", 62, 801), ("band", 801, 62)),
+                    slow_sequences=dict(time=8, band=100),
+                    sweep_chunks=(16, 32, 64, 128, 256), sweep_batch=4, sweep_steps=801),
+    "full": dict(paths=(("time", 62, 801), ("band", 801, 62)), slow_sequences=None,
+                 sweep_chunks=(16, 32, 64, 128, 256), sweep_batch=62, sweep_steps=801),
+}
 STATES_PER_STEP = {  # per-step full states held, per sequence, by method and direction
     ("sequential", "fwd"): 0, ("sequential", "fwd+bwd"): 1.5,
     ("associative", "fwd"): 3, ("associative", "fwd+bwd"): 8,
     ("chunked", "fwd"): 0, ("chunked", "fwd+bwd"): 0,
 }
-SWEEP_CHUNKS, SWEEP_BATCH = (16, 32, 64, 128, 256), 4
 
 
 def _inputs(batch: int, seqlen: int):
@@ -48,23 +56,29 @@ def _step(method: str, direction: str, chunk_size: int = 64):
   return jax.jit(jax.grad(lambda *args: jnp.sum(scan(*args) ** 2), argnums=tuple(range(6))))
 
 
-def _measured_batch(method: str, direction: str, batch: int, seqlen: int) -> int:
-  state_bytes = seqlen * NHEADS * HEADDIM * D_STATE * 4 * STATES_PER_STEP[(method, direction)]
-  if state_bytes == 0:
+def _measured_batch(method: str, direction: str, batch: int, seqlen: int,
+                    cap: int | None) -> int:
+  """Sequences to run: all for "chunked", else what fits MEMORY_BUDGET and `cap`."""
+  if method == "chunked":
     return batch
-  return max(1, min(batch, int(MEMORY_BUDGET // state_bytes)))
+  state_bytes = seqlen * NHEADS * HEADDIM * D_STATE * 4 * STATES_PER_STEP[(method, direction)]
+  fits = batch if state_bytes == 0 else int(MEMORY_BUDGET // state_bytes)
+  return max(1, min(batch, fits, cap or batch))
 
 
-def run() -> tuple[list[dict], str]:
+def run(mode: str = "default") -> tuple[list[dict], str]:
+  """Rows of every (path, direction, method) and of the chunk-size sweep, and their tables."""
+  settings = SETTINGS[mode]
   rows = []
-  for path, batch, seqlen in PATHS:
+  for path, batch, seqlen in settings["paths"]:
+    cap = (settings["slow_sequences"] or {}).get(path)
     for direction in ("fwd", "fwd+bwd"):
       group = []
       for method in ("sequential", "associative", "chunked"):
-        measured = _measured_batch(method, direction, batch, seqlen)
+        measured = _measured_batch(method, direction, batch, seqlen, cap)
         args = _inputs(measured, seqlen)
         step = _step(method, direction)
-        repeats = 3 if method == "chunked" else 2
+        repeats = 2 if method == "chunked" else 1
         row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=repeats,
                     path=f"{path} {batch}x{seqlen}", method=method, direction=direction,
                     batch=measured, chunk_size=64 if method == "chunked" else None)
@@ -77,12 +91,13 @@ def run() -> tuple[list[dict], str]:
                               "max_s", "full_s", "speedup"])
 
   sweep = []
-  args = _inputs(SWEEP_BATCH, 801)
-  for chunk_size in SWEEP_CHUNKS:
+  batch, seqlen = settings["sweep_batch"], settings["sweep_steps"]
+  args = _inputs(batch, seqlen)
+  for chunk_size in settings["sweep_chunks"]:
     step = _step("chunked", "fwd+bwd", chunk_size)
     sweep.append(timed(f"ssd chunked fwd+bwd Q={chunk_size}", lambda: step(*args), repeats=2,
-                       path=f"time {SWEEP_BATCH}x801", method="chunked", direction="fwd+bwd",
-                       batch=SWEEP_BATCH, chunk_size=chunk_size))
+                       path=f"time {batch}x{seqlen}", method="chunked", direction="fwd+bwd",
+                       batch=batch, chunk_size=chunk_size))
   sweep_table = format_table(sweep, ["path", "chunk_size", "median_s", "min_s", "max_s"])
   text = (f"Methods {METHODS}; `full_s` = median scaled to the full batch; speed-up over "
           f"\"sequential\" at the same path and direction.\n\n{table}\n\n"
