@@ -39,7 +39,7 @@ def _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size):
   """Raises ValueError naming the offending argument when shapes or options are inconsistent."""
   if method not in METHODS:
     raise ValueError(f"ssd_scan: unknown method {method!r}; choose from {METHODS}")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"ssd_scan: chunk_size must be a positive int, got {chunk_size!r}")
   if x.ndim != 4:
     raise ValueError(f"ssd_scan: x must be (batch, seqlen, nheads, headdim), got shape {x.shape}")
