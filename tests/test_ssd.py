@@ -145,7 +145,7 @@ def test_bfloat16_inputs_compute_in_float32(method):
 def test_long_sequence_with_large_dt_stays_finite(method):
   seqlen = 801
   x, dt, A, B, C, D, state = make_inputs(seqlen, 1, seed=6, dt_scale=40.0)
-  A = A * 8  # A in [-16, -1]: dt·A reaches -1000s, exp underflows to 0 within a step
+  A = A * 8  # A in [-16, -1], dt up to ~100: dt·A reaches -700, exp(dt·A) underflows to 0
   dt[:, 100:300] = 0.0  # and long stretches of no decay at all
   y_ref, _ = reference(x, dt, A, B, C, D, state)
   objective = _objective(method, f32(np.ones_like(x), np.ones_like(state)))
