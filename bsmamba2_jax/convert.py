@@ -16,9 +16,10 @@ import pickle
 import zipfile
 from typing import Any, Iterator
 
+import jax
 import numpy as np
 
-from bsmamba2_jax.model import ModelConfig
+from bsmamba2_jax.model import ModelConfig, abstract_params, band_groups, group_name
 
 
 class CheckpointError(ValueError):
@@ -163,16 +164,18 @@ def _is_state_dict(obj: Any) -> bool:
 def _ema_weights(checkpoint: dict, state_dict: dict, path: str) -> dict:
   """EMA weights of a Lightning checkpoint, kept by the EMA optimizer wrapper in its state.
 
-  The wrapper stores `ema` as a list of tensors in parameter order, which is the state_dict order.
+  The wrapper stores `ema` as a list of tensors in parameter order: the order of the model's
+  entries (`model.*`) in the state_dict, which holds no buffers of the model. Buffers outside it
+  (the STFT windows of the featurizers) are not parameters and are skipped.
   """
+  keys = [k for k in state_dict if k.startswith("model.")] or list(state_dict)
   for opt_state in checkpoint.get("optimizer_states", []) or []:
     if isinstance(opt_state, dict) and isinstance(opt_state.get("ema"), (list, tuple)):
       ema = list(opt_state["ema"])
-      keys = list(state_dict)[:len(ema)]
-      if len(ema) != len(state_dict) or any(
+      if len(ema) != len(keys) or any(
           np.shape(e) != np.shape(state_dict[k]) for k, e in zip(keys, ema)):
-        raise CheckpointError(f"{path}: the EMA weights in the optimizer state do not line up with "
-                              "the state_dict's parameters")
+        raise CheckpointError(f"{path}: the {len(ema)} EMA tensors in the optimizer state do not "
+                              f"line up with the {len(keys)} model parameters of the state_dict")
       return collections.OrderedDict(zip(keys, (np.asarray(e) for e in ema)))
   raise CheckpointError(f"{path}: no EMA weights found (optimizer_states[*]['ema']); "
                         "convert without use_ema")
@@ -205,36 +208,49 @@ def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
   return dict(state_dict)
 
 
-def key_table(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], str]]:
-  """(official key, Flax param path, layout) for every tensor; layout in
-  {'copy', 'linear', 'conv', 'convtranspose'}."""
-  for k in range(len(config.band_widths)):
-    yield f"band_split.to_features.{k}.0.gamma", ("band_split", f"to_features_{k}_norm", "gamma"), "copy"
-    yield f"band_split.to_features.{k}.1.weight", ("band_split", f"to_features_{k}_dense", "kernel"), "linear"
-    yield f"band_split.to_features.{k}.1.bias", ("band_split", f"to_features_{k}_dense", "bias"), "copy"
+Entry = tuple[str, tuple[str, ...], str, "int | None"]
+
+
+def key_table(config: ModelConfig) -> Iterator[Entry]:
+  """(official key, Flax param path, layout, index) for every tensor.
+
+  layout is one of 'copy', 'linear', 'conv', 'convtranspose'; index is None, or the position of
+  the tensor in a stacked parameter (the per-band weights, stored per run of equal-width bands).
+  """
+  groups = band_groups(config.band_widths)
+  for first, count, _ in groups:
+    run = group_name(first, count)
+    for j, k in enumerate(range(first, first + count)):
+      band = f"band_split.to_features.{k}"
+      yield f"{band}.0.gamma", ("band_split", f"{run}_gamma"), "copy", j
+      yield f"{band}.1.weight", ("band_split", f"{run}_kernel"), "linear", j
+      yield f"{band}.1.bias", ("band_split", f"{run}_bias"), "copy", j
   for i in range(config.depth):
     for j, axis in enumerate(("time", "band")):
       for direction in ("forward", "backward"):
         torch_block = f"layers.{i}.{j}.{direction}_blocks.0"
         ours = (f"layers_{i}", axis, direction)
-        yield f"{torch_block}.norm.weight", ours + ("norm", "weight"), "copy"
+        yield f"{torch_block}.norm.weight", ours + ("norm", "weight"), "copy", None
         mixer = ours + ("mixer",)
-        yield f"{torch_block}.mixer.in_proj.weight", mixer + ("in_proj", "kernel"), "linear"
-        yield f"{torch_block}.mixer.conv1d.weight", mixer + ("conv1d", "kernel"), "conv"
-        yield f"{torch_block}.mixer.conv1d.bias", mixer + ("conv1d", "bias"), "copy"
+        yield f"{torch_block}.mixer.in_proj.weight", mixer + ("in_proj", "kernel"), "linear", None
+        yield f"{torch_block}.mixer.conv1d.weight", mixer + ("conv1d", "kernel"), "conv", None
+        yield f"{torch_block}.mixer.conv1d.bias", mixer + ("conv1d", "bias"), "copy", None
         for name in ("dt_bias", "A_log", "D"):
-          yield f"{torch_block}.mixer.{name}", mixer + (name,), "copy"
-        yield f"{torch_block}.mixer.norm.weight", mixer + ("norm", "weight"), "copy"
-        yield f"{torch_block}.mixer.out_proj.weight", mixer + ("out_proj", "kernel"), "linear"
-      yield f"layers.{i}.{j}.linear.weight", (f"layers_{i}", axis, "linear", "kernel"), "convtranspose"
-      yield f"layers.{i}.{j}.linear.bias", (f"layers_{i}", axis, "linear", "bias"), "copy"
-  yield "final_norm.gamma", ("final_norm", "gamma"), "copy"
-  for k in range(len(config.band_widths)):
-    est = "mask_estimators.0.to_freqs"
-    yield f"{est}.{k}.0.0.weight", ("mask_estimator", f"to_freqs_{k}_in", "kernel"), "linear"
-    yield f"{est}.{k}.0.0.bias", ("mask_estimator", f"to_freqs_{k}_in", "bias"), "copy"
-    yield f"{est}.{k}.0.2.weight", ("mask_estimator", f"to_freqs_{k}_out", "kernel"), "linear"
-    yield f"{est}.{k}.0.2.bias", ("mask_estimator", f"to_freqs_{k}_out", "bias"), "copy"
+          yield f"{torch_block}.mixer.{name}", mixer + (name,), "copy", None
+        yield f"{torch_block}.mixer.norm.weight", mixer + ("norm", "weight"), "copy", None
+        yield f"{torch_block}.mixer.out_proj.weight", mixer + ("out_proj", "kernel"), "linear", None
+      linear = (f"layers_{i}", axis, "linear")
+      yield f"layers.{i}.{j}.linear.weight", linear + ("kernel",), "convtranspose", None
+      yield f"layers.{i}.{j}.linear.bias", linear + ("bias",), "copy", None
+  yield "final_norm.gamma", ("final_norm", "gamma"), "copy", None
+  for first, count, _ in groups:
+    run = group_name(first, count)
+    for j, k in enumerate(range(first, first + count)):
+      mlp = f"mask_estimators.0.to_freqs.{k}.0"
+      yield f"{mlp}.0.weight", ("mask_estimator", "in_kernel"), "linear", k
+      yield f"{mlp}.0.bias", ("mask_estimator", "in_bias"), "copy", k
+      yield f"{mlp}.2.weight", ("mask_estimator", f"{run}_kernel"), "linear", j
+      yield f"{mlp}.2.bias", ("mask_estimator", f"{run}_bias"), "copy", j
 
 
 def _to_flax(value: np.ndarray, layout: str) -> np.ndarray:
@@ -323,36 +339,38 @@ def params_from_torch_state_dict(state_dict: dict[str, Any], config: ModelConfig
   """
   sd = _strip_prefix(state_dict)
   config = config or infer_config(sd, **overrides)
-  params: dict = {}
+  shapes = {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
+  leaves = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
   missing, wrong = [], []
-  expected = _expected_shapes(config)
   table = list(key_table(config))
-  for torch_key, path, layout in table:
+  for torch_key, path, layout, index in table:
     if torch_key not in sd:
       missing.append(torch_key)
       continue
     value = np.asarray(sd[torch_key])
-    flax_value = _to_flax(value, layout)
-    if flax_value.shape != expected[path]:
-      wrong.append(f"{torch_key} {tuple(value.shape)} (expected "
-                   f"{_to_torch(np.empty(expected[path], np.int8), layout).shape})")
+    expected = shapes[path] if index is None else shapes[path][1:]
+    torch_shape = _to_torch(np.empty(expected, np.int8), layout).shape
+    if value.shape != torch_shape:
+      wrong.append(f"{torch_key} {tuple(value.shape)} (expected {torch_shape})")
       continue
-    node = params
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = np.ascontiguousarray(flax_value, dtype=np.float32)
-  unexpected = sorted(set(sd) - {k for k, _, _ in table})
+    target = leaves[path] if index is None else leaves[path][index]
+    target[...] = _to_flax(value, layout)
+  unexpected = sorted(set(sd) - {entry[0] for entry in table})
   problems = []
-  if missing:
-    problems.append(f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''} "
-                    f"({len(missing)} in all)")
-  if unexpected:
-    problems.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''} "
-                    f"({len(unexpected)} in all)")
+  for label, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
+    if keys:
+      problems.append(f"{label} {keys[:5]}{' …' if len(keys) > 5 else ''} ({len(keys)} in all)")
   if wrong:
     problems.append(f"wrong shapes: {'; '.join(wrong[:5])}{' …' if len(wrong) > 5 else ''}")
   if problems:
     raise CheckpointError("state_dict does not match BSMamba2: " + "; ".join(problems))
+  params: dict = {}
+  for path, leaf in leaves.items():
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = leaf
   return config, params
 
 
@@ -360,27 +378,14 @@ def params_to_torch_state_dict(config: ModelConfig, params: dict,
                                prefix: str = "model.") -> "collections.OrderedDict[str, np.ndarray]":
   """Flax params -> official state_dict names and layouts (NumPy), e.g. for `torch.save`."""
   out = collections.OrderedDict()
-  for torch_key, path, layout in key_table(config):
-    node = params
+  for torch_key, path, layout, index in key_table(config):
+    leaf = params
     for part in path:
-      node = node[part]
-    out[prefix + torch_key] = np.ascontiguousarray(_to_torch(np.asarray(node), layout))
+      leaf = leaf[part]
+    leaf = np.asarray(leaf)
+    out[prefix + torch_key] = np.ascontiguousarray(
+        _to_torch(leaf if index is None else leaf[index], layout))
   return out
-
-
-def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Param path -> shape, from the model itself (abstractly evaluated, no FLOPs)."""
-  import jax
-  import jax.numpy as jnp
-
-  from bsmamba2_jax.model import BSMamba2
-  frames_audio = jax.ShapeDtypeStruct((1, config.audio_channels, config.n_fft), jnp.float32)
-  shapes = jax.eval_shape(lambda a: BSMamba2(config).init(jax.random.PRNGKey(0), a)["params"],
-                          frames_audio)
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    flat[tuple(p.key for p in path)] = tuple(leaf.shape)
-  return flat
 
 
 def load_torch_checkpoint(path: str, *, use_ema: bool = False,
@@ -391,3 +396,33 @@ def load_torch_checkpoint(path: str, *, use_ema: bool = False,
     return params_from_torch_state_dict(state_dict, **overrides)
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
+
+
+def convert_checkpoint(torch_ckpt: str, output_dir: str, *, use_ema: bool = False,
+                       overwrite: bool = False, **overrides: Any) -> str:
+  """Official `.ckpt` -> an inference export (Orbax params + config.json) that `load_model`,
+  separation and evaluation read. Returns the export's path."""
+  from bsmamba2_jax.checkpoints import save_inference
+  config, params = load_torch_checkpoint(torch_ckpt, use_ema=use_ema, **overrides)
+  return save_inference(output_dir, config, params, overwrite=overwrite,
+                        metadata=dict(source=os.path.abspath(torch_ckpt), use_ema=use_ema))
+
+
+def export_torch_checkpoint(export_dir: str, output_path: str, *, overwrite: bool = False) -> str:
+  """An inference export -> a Lightning-style `.ckpt` ({"state_dict": {model.*: tensor}}) that
+  the official code loads. Needs torch."""
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError("writing a PyTorch checkpoint needs torch "
+                          "(pip install 'bsmamba2-jax[torch]')") from None
+  from bsmamba2_jax.checkpoints import load_inference
+  if os.path.exists(output_path) and not overwrite:
+    raise CheckpointError(f"{output_path}: exists; pass overwrite=True to replace it")
+  config, params, _ = load_inference(export_dir)
+  state_dict = params_to_torch_state_dict(config, jax.device_get(params))
+  tmp = output_path + ".partial"
+  torch.save({"state_dict": collections.OrderedDict(
+      (k, torch.from_numpy(v)) for k, v in state_dict.items())}, tmp)
+  os.replace(tmp, output_path)
+  return output_path

@@ -8,6 +8,7 @@ Feature order inside a band (the official one): frequency-major with channels in
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bsmamba2_jax import audio
-from bsmamba2_jax.mamba2 import BiMamba2Block, torch_dense
+from bsmamba2_jax.mamba2 import BiMamba2Block, torch_uniform
 
 # Band widths of the official model for n_fft 2048 (1025 bins): 2×24, 4×12, 12×8, 24×8, 48×8, 128, 129.
 PAPER_BAND_WIDTHS: tuple[int, ...] = (
@@ -123,24 +124,44 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def band_rmsnorm(x: jax.Array, gamma: jax.Array) -> jax.Array:
+  """The band-split RMSNorm over the last axis: `x / max(‖x‖₂, 1e-12) · sqrt(dim) · gamma`.
+
+  Not the eps-inside-sqrt RMSNorm of Mamba. Computed in fp32; returns fp32.
+  """
+  x32 = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+  return x32 / jnp.maximum(norm, 1e-12) * math.sqrt(x.shape[-1]) * gamma
+
+
 class BandRMSNorm(nn.Module):
-  """The band-split RMSNorm: `x / max(‖x‖₂, 1e-12) · sqrt(dim) · gamma` (not eps-in-sqrt)."""
+  """`band_rmsnorm` with its own `gamma` (dim,), initialised to one (the official final norm)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dim = x.shape[-1]
-    gamma = self.param("gamma", nn.initializers.ones, (dim,), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-    return (x32 / jnp.maximum(norm, 1e-12) * math.sqrt(dim) * gamma).astype(x.dtype)
+    gamma = self.param("gamma", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    return band_rmsnorm(x, gamma)
 
 
-def band_slices(widths: tuple[int, ...], channels: int) -> list[tuple[int, int]]:
-  """(start, stop) of each band in the flattened (f, c, re/im) feature axis."""
-  stops = [0]
-  for w in widths:
-    stops.append(stops[-1] + 2 * channels * w)
-  return list(zip(stops[:-1], stops[1:]))
+def band_groups(widths: tuple[int, ...]) -> list[tuple[int, int, int]]:
+  """Runs of consecutive bands of equal width as (first band, number of bands, width).
+
+  Bands of one run share their shapes, so their weights are stored stacked and applied with one
+  batched matmul (the paper's 62 bands form 7 runs).
+  """
+  groups: list[tuple[int, int, int]] = []
+  for k, w in enumerate(widths):
+    if groups and groups[-1][2] == w:
+      first, count, _ = groups[-1]
+      groups[-1] = (first, count + 1, w)
+    else:
+      groups.append((k, 1, w))
+  return groups
+
+
+def group_name(first: int, count: int) -> str:
+  """Parameter-tree name of the run of bands first .. first+count-1."""
+  return f"bands_{first}_{first + count - 1}"
 
 
 def spectrum_to_features(spec: jax.Array) -> jax.Array:
@@ -158,7 +179,11 @@ def features_to_spectrum(features: jax.Array, channels: int) -> jax.Array:
 
 
 class BandSplit(nn.Module):
-  """Per band: BandRMSNorm(2cw) -> Dense(2cw -> d); (b, t, f·c·2) -> (b, t, k, d)."""
+  """Per band k: BandRMSNorm(2cw) -> Dense(2cw -> d); (b, t, f·c·2) -> (b, t, k, d).
+
+  Parameters per run of equal-width bands (`band_groups`): `gamma` (n, 2cw), `kernel`
+  (n, 2cw, d), `bias` (n, d) — band j of the run is the official `to_features.{first+j}`.
+  """
   band_widths: tuple[int, ...]
   channels: int
   dim: int
@@ -166,16 +191,28 @@ class BandSplit(nn.Module):
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
-    bands = []
-    for k, (start, stop) in enumerate(band_slices(self.band_widths, self.channels)):
-      x = BandRMSNorm(name=f"to_features_{k}_norm")(features[..., start:stop])
-      bands.append(torch_dense(self.dim, stop - start, dtype=self.dtype,
-                               name=f"to_features_{k}_dense")(x))
-    return jnp.stack(bands, axis=-2)
+    outputs, start = [], 0
+    for first, count, width in band_groups(self.band_widths):
+      size = 2 * self.channels * width
+      x = features[..., start:start + count * size]
+      x = x.reshape(*x.shape[:-1], count, size)                # (b, t, n, 2cw)
+      start += count * size
+      name = group_name(first, count)
+      gamma = self.param(f"{name}_gamma", nn.initializers.ones, (count, size), jnp.float32)
+      kernel = self.param(f"{name}_kernel", torch_uniform(size), (count, size, self.dim), jnp.float32)
+      bias = self.param(f"{name}_bias", torch_uniform(size), (count, self.dim), jnp.float32)
+      x = band_rmsnorm(x, gamma).astype(self.dtype)
+      y = jnp.einsum("btni,nio->btno", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+      outputs.append(y)
+    return jnp.concatenate(outputs, axis=-2)
 
 
 class MaskEstimator(nn.Module):
-  """Per band: Dense(d -> h·d) -> tanh -> Dense(h·d -> 2·2cw) -> GLU; (b, t, k, d) -> (b, t, f·c·2)."""
+  """Per band k: Dense(d -> h·d) -> tanh -> Dense(h·d -> 2·2cw) -> GLU; (b, t, k, d) -> (b, t, f·c·2).
+
+  Parameters: `in_kernel` (k, d, h·d) and `in_bias` (k, h·d) for all bands; per run of
+  equal-width bands `<run>_kernel` (n, h·d, 2·2cw) and `<run>_bias` (n, 2·2cw).
+  """
   band_widths: tuple[int, ...]
   channels: int
   hidden_mult: int = 4
@@ -184,13 +221,23 @@ class MaskEstimator(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim = x.shape[-1]
+    bands = len(self.band_widths)
     hidden = self.hidden_mult * dim
+    in_kernel = self.param("in_kernel", torch_uniform(dim), (bands, dim, hidden), jnp.float32)
+    in_bias = self.param("in_bias", torch_uniform(dim), (bands, hidden), jnp.float32)
+    h = jnp.einsum("btkd,kdh->btkh", x.astype(self.dtype), in_kernel.astype(self.dtype))
+    h = jnp.tanh(h + in_bias.astype(self.dtype))
     outputs = []
-    for k, (start, stop) in enumerate(band_slices(self.band_widths, self.channels)):
-      h = jnp.tanh(torch_dense(hidden, dim, dtype=self.dtype, name=f"to_freqs_{k}_in")(x[..., k, :]))
-      h = torch_dense(2 * (stop - start), hidden, dtype=self.dtype, name=f"to_freqs_{k}_out")(h)
-      value, gate = jnp.split(h.astype(jnp.float32), 2, axis=-1)
-      outputs.append(value * jax.nn.sigmoid(gate))
+    for first, count, width in band_groups(self.band_widths):
+      size = 2 * self.channels * width
+      name = group_name(first, count)
+      kernel = self.param(f"{name}_kernel", torch_uniform(hidden), (count, hidden, 2 * size),
+                          jnp.float32)
+      bias = self.param(f"{name}_bias", torch_uniform(hidden), (count, 2 * size), jnp.float32)
+      out = jnp.einsum("btnh,nho->btno", h[..., first:first + count, :], kernel.astype(self.dtype))
+      value, gate = jnp.split(out.astype(jnp.float32) + bias, 2, axis=-1)  # GLU
+      glu = value * jax.nn.sigmoid(gate)                        # (b, t, n, 2cw)
+      outputs.append(glu.reshape(*glu.shape[:-2], count * size))
     return jnp.concatenate(outputs, axis=-1)
 
 
@@ -250,7 +297,20 @@ class BSMamba2(nn.Module):
     return (vocals, mask) if return_mask else vocals
 
 
+def abstract_params(config: ModelConfig) -> dict:
+  """The params tree of `BSMamba2(config)` as `jax.ShapeDtypeStruct`s (no compute)."""
+  dummy = jax.ShapeDtypeStruct((1, config.audio_channels, config.n_fft), jnp.float32)
+  return jax.eval_shape(lambda rng, a: BSMamba2(config).init(rng, a)["params"],
+                        jax.random.PRNGKey(0), dummy)
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-  """Fresh parameters (fp32), initialised on a few STFT frames (shapes do not depend on length)."""
+  """Fresh parameters (fp32), initialised on a few STFT frames (shapes do not depend on length).
+
+  Uses the non-partitionable threefry, which XLA:CPU compiles several times faster for the
+  model's ~100 parameter draws (jax's partitionable default took minutes on 2 cores).
+  """
   dummy = jnp.zeros((1, config.audio_channels, config.n_fft), jnp.float32)
-  return jax.jit(BSMamba2(config).init)(rng, dummy)["params"]
+  partitionable = getattr(jax, "threefry_partitionable", None)
+  with partitionable(False) if partitionable is not None else contextlib.nullcontext():
+    return jax.jit(BSMamba2(config).init)(rng, dummy)["params"]

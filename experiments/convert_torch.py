@@ -1,0 +1,39 @@
+"""Official PyTorch checkpoint -> bsmamba2-jax export, and back.
+
+  python -m experiments.convert_torch --torch_ckpt=bs_mamba2_vocals.ckpt --output_dir=exports/official
+  python -m experiments.convert_torch --to_torch --export_dir=exports/official --output=model.ckpt
+"""
+from absl import app, flags
+
+from bsmamba2_jax import convert
+
+_CKPT = flags.DEFINE_string("torch_ckpt", None, "Official Lightning .ckpt or bare state_dict file.")
+_OUT_DIR = flags.DEFINE_string("output_dir", None, "Where the inference export is written.")
+_EMA = flags.DEFINE_bool("use_ema", False, "Take the EMA weights kept in the optimizer state.")
+_HOP = flags.DEFINE_integer("hop_length", 441, "STFT hop (not stored in the weights).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export / file.")
+_TO_TORCH = flags.DEFINE_bool("to_torch", False, "Convert an export back to a PyTorch .ckpt.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "With --to_torch: the export to convert.")
+_OUTPUT = flags.DEFINE_string("output", None, "With --to_torch: the .ckpt file to write.")
+
+
+def main(argv):
+  del argv
+  try:
+    if _TO_TORCH.value:
+      if not (_EXPORT_DIR.value and _OUTPUT.value):
+        raise app.UsageError("--to_torch needs --export_dir and --output")
+      path = convert.export_torch_checkpoint(_EXPORT_DIR.value, _OUTPUT.value,
+                                             overwrite=_OVERWRITE.value)
+    else:
+      if not (_CKPT.value and _OUT_DIR.value):
+        raise app.UsageError("needs --torch_ckpt and --output_dir")
+      path = convert.convert_checkpoint(_CKPT.value, _OUT_DIR.value, use_ema=_EMA.value,
+                                        overwrite=_OVERWRITE.value, hop_length=_HOP.value)
+  except (convert.CheckpointError, FileExistsError, FileNotFoundError) as e:
+    raise SystemExit(f"convert_torch: {e}")
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,161 @@
+"""Official checkpoints: the torch-free reader, hyperparameter inference, exact round trips and
+one-line errors. `tests/data/official_micro.ckpt` was written by real torch
+(tests/data/make_official_micro.py) and `official_micro.npz` holds its tensors as NumPy."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsmamba2_jax import convert
+from bsmamba2_jax.model import BSMamba2, ModelConfig
+from tests import official_reference as ref
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+CKPT = os.path.join(DATA, "official_micro.ckpt")
+MICRO = dict(dim=16, depth=1, d_state=8, expand=2, headdim=8, chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def expected():
+  with np.load(os.path.join(DATA, "official_micro.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+def test_reader_returns_exactly_what_torch_wrote(expected):
+  sd = convert.read_torch_checkpoint(CKPT)
+  want = {k[3:]: v for k, v in expected.items() if k.startswith("sd/")}
+  assert list(sd) == list(want)  # order kept (the EMA list relies on it)
+  for k, v in want.items():
+    assert sd[k].dtype == v.dtype and np.array_equal(sd[k], v), k
+  ema = convert.read_torch_checkpoint(CKPT, use_ema=True)
+  assert list(ema) == [k for k in want if k.startswith("model.")]
+  for k in ema:
+    assert np.array_equal(ema[k], expected["ema/" + k]), k
+
+
+def test_reader_rebuilds_strided_bfloat16(expected):
+  whole = convert._load_torch_zip(CKPT)
+  np.testing.assert_array_equal(np.asarray(whole["bf16_probe"], np.float32), expected["bf16_probe"])
+
+
+def test_official_file_infers_config_and_matches_reference_forward(expected):
+  config, params = convert.load_torch_checkpoint(CKPT)
+  assert (config.audio_channels, config.n_fft, config.dim, config.depth) == (2, 256, 8, 1)
+  assert (config.d_state, config.expand, config.headdim, config.d_conv) == (4, 2, 8, 4)
+  assert config.mask_hidden_mult == 4 and len(config.band_widths) == 23
+  config = ModelConfig.from_dict(dict(config.to_dict(), hop_length=64))
+  sd = {k[len("sd/model."):]: v.astype(np.float64) for k, v in expected.items()
+        if k.startswith("sd/model.")}
+  audio = np.random.default_rng(1).uniform(-0.5, 0.5, (1, 2, 1000))
+  ours = BSMamba2(config).apply({"params": jax.tree_util.tree_map(jnp.asarray, params)},
+                                jnp.asarray(audio, jnp.float32))
+  want = ref.bsmamba2(sd, audio, channels=2, n_fft=256, hop=64)
+  np.testing.assert_allclose(np.asarray(ours), want, rtol=1e-3, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("channels", [2, 1])
+def test_round_trip_is_bit_exact(channels):
+  config = ModelConfig.preset("tiny", audio_channels=channels, **MICRO)
+  # Random values in every tensor (the init's ones and zeros would hide transposition slips).
+  shapes = convert.abstract_params(config)
+  leaves, tree = jax.tree_util.tree_flatten(shapes)
+  rng = np.random.default_rng(channels)
+  params = jax.tree_util.tree_unflatten(
+      tree, [rng.normal(size=leaf.shape).astype(np.float32) for leaf in leaves])
+  sd = convert.params_to_torch_state_dict(config, params)
+  assert all(k.startswith("model.") for k in sd)
+  assert sd["model.layers.0.0.linear.weight"].shape == (32, 16, 1)
+  assert sd["model.layers.0.1.forward_blocks.0.mixer.conv1d.weight"].shape == (48, 1, 4)
+  config2, params2 = convert.params_from_torch_state_dict(sd, hop_length=config.hop_length)
+  assert config2 == ModelConfig.from_dict(dict(config.to_dict(), chunk_size=config2.chunk_size))
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  leaves2 = dict(jax.tree_util.tree_leaves_with_path(params2))
+  for path, leaf in leaves:
+    assert np.array_equal(leaf, leaves2[path]), jax.tree_util.keystr(path)
+  sd2 = convert.params_to_torch_state_dict(config2, params2)
+  assert all(np.array_equal(sd[k], sd2[k]) for k in sd)
+
+
+@pytest.fixture(scope="module")
+def micro_state_dict():
+  config = ModelConfig.preset("tiny", **MICRO)
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                  convert.abstract_params(config))
+  return convert.params_to_torch_state_dict(config, params)
+
+
+def test_missing_key_is_named(micro_state_dict):
+  sd = dict(micro_state_dict)
+  del sd["model.layers.0.1.backward_blocks.0.mixer.D"]
+  with pytest.raises(convert.CheckpointError) as e:
+    convert.params_from_torch_state_dict(sd)
+  assert "layers.0.1.backward_blocks.0.mixer.D" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wrong_shape_is_named(micro_state_dict):
+  sd = dict(micro_state_dict)
+  sd["model.mask_estimators.0.to_freqs.3.0.2.bias"] = np.zeros(7, np.float32)
+  with pytest.raises(convert.CheckpointError, match=r"to_freqs\.3\.0\.2\.bias \(7,\)"):
+    convert.params_from_torch_state_dict(sd)
+
+
+def test_unexpected_key_is_named(micro_state_dict):
+  sd = dict(micro_state_dict, **{"model.layers.0.0.extra.weight": np.zeros(3, np.float32)})
+  with pytest.raises(convert.CheckpointError, match=r"unexpected keys \['layers\.0\.0\.extra"):
+    convert.params_from_torch_state_dict(sd)
+
+
+def test_shape_inference_failure_is_named():
+  with pytest.raises(convert.CheckpointError, match="missing key 'band_split.to_features.0.0.gamma'"):
+    convert.params_from_torch_state_dict({"model.final_norm.gamma": np.ones(4, np.float32)})
+
+
+def test_corrupted_and_foreign_files(tmp_path):
+  garbage = tmp_path / "garbage.ckpt"
+  garbage.write_bytes(os.urandom(1000))
+  truncated = tmp_path / "truncated.ckpt"
+  truncated.write_bytes(open(CKPT, "rb").read()[:300_000])
+  foreign = tmp_path / "foreign.ckpt"
+  with zipfile.ZipFile(foreign, "w") as z:
+    z.writestr("readme.txt", "hello")
+  for path in (garbage, truncated, foreign, tmp_path / "absent.ckpt"):
+    with pytest.raises(convert.CheckpointError) as e:
+      convert.read_torch_checkpoint(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reader_never_runs_code_from_the_file(tmp_path):
+  """A pickle that would call os.system gets an inert stand-in instead."""
+  import pickle
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ("touch " + str(tmp_path / "pwned"),))
+  path = tmp_path / "evil.ckpt"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pickle.dumps({"state_dict": {"x": Evil()}}, protocol=2))
+  with pytest.raises(convert.CheckpointError):
+    convert.read_torch_checkpoint(str(path))
+  assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_converts_to_an_export_that_load_model_reads(tmp_path, expected):
+  from bsmamba2_jax.checkpoints import load_model
+  out = tmp_path / "export"
+  cmd = [sys.executable, "-m", "experiments.convert_torch", f"--torch_ckpt={CKPT}",
+         f"--output_dir={out}", "--hop_length=64", "--use_ema"]
+  root = os.path.dirname(os.path.dirname(__file__))
+  done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  model, params = load_model(str(out))
+  assert model.config.hop_length == 64
+  ema_in_proj = expected["ema/model.layers.0.0.forward_blocks.0.mixer.in_proj.weight"]
+  np.testing.assert_array_equal(
+      np.asarray(params["layers_0"]["time"]["forward"]["mixer"]["in_proj"]["kernel"]), ema_in_proj.T)
+  again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0 and "exists" in again.stderr  # nothing overwritten silently
