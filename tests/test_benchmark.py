@@ -121,7 +121,7 @@ def test_report_records_failures_targets_and_never_overwrites(tmp_path, monkeypa
   second = report.build(["fake_peers"], "smoke", str(tmp_path), verbose=False)
   assert second["stem"] == first["stem"] + "-2"
   saved = json.loads((tmp_path / (first["stem"].split("/")[-1] + ".json")).read_text())
-  assert saved["sections"]["fake_peers"][2]["repeats"] == [19.0, 20.0, 21.0]
+  assert saved["complete"] and saved["sections"]["fake_peers"][2]["repeats"] == [19.0, 20.0, 21.0]
   assert saved["sections"]["fake_peers"][0]["mode"] == "smoke"
   assert "section exploded" in saved["section_info"]["fake_broken"]["error"]["message"]
   assert "failed" in open(first["stem"] + ".md").read()

@@ -7,9 +7,8 @@ raises (or is missing) is recorded with its error and the report goes on.
 
 Files, never overwriting an earlier report of the same day: `<dir>/<date>-<host>[-k].json`
 (`sections`: every row with its raw repeats; `section_info`: texts, errors, wall seconds;
-`targets`),
-`.md` (the same as tables) and PNG plots `...-scaling.png`, `...-chunk-sweep.png`,
-`...-peers.png` when their sections ran.
+`targets`; `complete`), `.md` (the same as tables), both rewritten after every section, and
+PNG plots `...-scaling.png`, `...-chunk-sweep.png`, `...-peers.png` when their sections ran.
 """
 from __future__ import annotations
 
@@ -153,11 +152,19 @@ def _unused_stem(output_dir: str, name: str) -> str:
   return stem
 
 
+def _write(report: dict, stem: str) -> None:
+  """`stem`.json (everything, raw repeats included) and `stem`.md (the tables)."""
+  with open(stem + ".json", "w") as f:
+    json.dump(report, f, indent=1, default=str)
+  with open(stem + ".md", "w") as f:
+    f.write(markdown(report))
+
+
 def markdown(report: dict) -> str:
   """The whole report as markdown: header, targets, then every section (or its error)."""
   lines = [f"# Benchmark {report['date']} on {report['host']} ({report['machine']}, "
            f"{report['cpu_count']} CPUs, jax {report['jax']}, {report['devices'][0]}), "
-           f"mode `{report['mode']}`", "", "## Targets", "",
+           f"mode `{report['mode']}`" + ("" if report["complete"] else " (incomplete)"), "", "## Targets", "",
            common.format_table(report["targets"], ["target", "required", "measured", "holds",
                                                    "margin", "setting"])]
   for name, section in report["section_info"].items():
@@ -179,7 +186,10 @@ def build(sections: list[str], mode: str, output_dir: str, *, verbose: bool = Tr
                 host=socket.gethostname(), machine=platform.processor() or platform.machine(),
                 cpu_count=os.cpu_count(), jax=jax.__version__,
                 devices=[str(d) for d in jax.devices()], mode=mode, sections={},
-                section_info={})
+                section_info={}, targets=targets({}), plots=[], complete=False)
+  os.makedirs(output_dir, exist_ok=True)
+  stem = _unused_stem(output_dir, f"{datetime.date.today().isoformat()}-{report['host']}")
+  _write(report, stem)  # claims the name; rewritten after every section, so a crash keeps rows
   for name in sections:
     result = run_section(name, mode)
     report["sections"][name] = result.pop("rows")
@@ -187,15 +197,11 @@ def build(sections: list[str], mode: str, output_dir: str, *, verbose: bool = Tr
     if verbose:
       body = result["text"] if not result["error"] else f"failed: {result['error']['message']}"
       print(f"\n## {name} ({result['wall_s']:.0f} s)\n\n{body}", flush=True)
-  report["targets"] = targets(report["sections"])
-  os.makedirs(output_dir, exist_ok=True)
-  stem = _unused_stem(output_dir, f"{datetime.date.today().isoformat()}-{report['host']}")
+    report["targets"] = targets(report["sections"])
+    _write(report, stem)
   report["plots"] = plot(report["sections"], stem)
-  text = markdown(report)
-  with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=1, default=str)
-  with open(stem + ".md", "w") as f:
-    f.write(text)
+  report["complete"] = True
+  _write(report, stem)
   if verbose:
     print("\n## Targets\n\n" + common.format_table(
         report["targets"], ["target", "required", "measured", "holds", "margin", "setting"]))
