@@ -4,11 +4,11 @@ Paper shapes (one 8-s example): the time path scans 62 sequences × 801 steps, t
 801 sequences × 62 steps; 16 heads, headdim 64, d_state 128, ngroups 1.
 
 "sequential" fwd+bwd stores a (16, 64, 128) float32 state per step and sequence (26 GB on the
-time path) and "associative" materialises all of them even forward, so those two methods run on
-as many sequences as fit `MEMORY_BUDGET` (and, outside mode "full", at most `slow_sequences`)
-and their times are scaled linearly to the full batch (column `batch` gives the measured batch,
-`full_s` the scaled median). Scaling favours them: a small batch keeps their per-step state in
-cache. "chunked" always runs the full batch. A chunk-size sweep of "chunked" fwd+bwd on
+time path) and "associative" materialises all of them even forward, so these rows run on as
+many sequences as fit `MEMORY_BUDGET` and their times are scaled linearly to the full batch
+(column `batch` gives the measured batch, `full_s` the scaled median). Scaling favours them: a
+small batch keeps the per-step state in cache (sequential fwd at 8 sequences runs ~5x faster
+per sequence than at 62). "chunked" and "sequential" fwd always run the full batch. A chunk-size sweep of "chunked" fwd+bwd on
 `sweep_batch` time-path sequences closes the section.
 """
 from __future__ import annotations
@@ -21,13 +21,11 @@ from experiments.benchmarks.common import format_table, timed
 
 NHEADS, HEADDIM, D_STATE = 16, 64, 128
 MEMORY_BUDGET = 2e9  # bytes of per-step states a sub-batched measurement may hold
-SETTINGS = {  # per mode: paths (name, sequences, steps), cap on slow-method sequences, sweep
-    "smoke": dict(paths=(("time", 2, 40),), slow_sequences=None,
-                  sweep_chunks=(16,), sweep_batch=1, sweep_steps=40),
+SETTINGS = {  # per mode: paths (name, sequences, steps) and the chunk-size sweep
+    "smoke": dict(paths=(("time", 2, 40),), sweep_chunks=(16,), sweep_batch=1, sweep_steps=40),
     "default": dict(paths=(("time", 62, 801), ("band", 801, 62)),
-                    slow_sequences=dict(time=8, band=100),
                     sweep_chunks=(16, 32, 64, 128, 256), sweep_batch=4, sweep_steps=801),
-    "full": dict(paths=(("time", 62, 801), ("band", 801, 62)), slow_sequences=None,
+    "full": dict(paths=(("time", 62, 801), ("band", 801, 62)),
                  sweep_chunks=(16, 32, 64, 128, 256), sweep_batch=62, sweep_steps=801),
 }
 STATES_PER_STEP = {  # per-step full states held, per sequence, by method and direction
@@ -56,14 +54,12 @@ def _step(method: str, direction: str, chunk_size: int = 64):
   return jax.jit(jax.grad(lambda *args: jnp.sum(scan(*args) ** 2), argnums=tuple(range(6))))
 
 
-def _measured_batch(method: str, direction: str, batch: int, seqlen: int,
-                    cap: int | None) -> int:
-  """Sequences to run: all for "chunked", else what fits MEMORY_BUDGET and `cap`."""
-  if method == "chunked":
-    return batch
+def _measured_batch(method: str, direction: str, batch: int, seqlen: int) -> int:
+  """Sequences to run: all of them unless their per-step states exceed MEMORY_BUDGET."""
   state_bytes = seqlen * NHEADS * HEADDIM * D_STATE * 4 * STATES_PER_STEP[(method, direction)]
-  fits = batch if state_bytes == 0 else int(MEMORY_BUDGET // state_bytes)
-  return max(1, min(batch, fits, cap or batch))
+  if state_bytes == 0:
+    return batch
+  return max(1, min(batch, int(MEMORY_BUDGET // state_bytes)))
 
 
 def run(mode: str = "default") -> tuple[list[dict], str]:
@@ -71,11 +67,10 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
   settings = SETTINGS[mode]
   rows = []
   for path, batch, seqlen in settings["paths"]:
-    cap = (settings["slow_sequences"] or {}).get(path)
     for direction in ("fwd", "fwd+bwd"):
       group = []
       for method in ("sequential", "associative", "chunked"):
-        measured = _measured_batch(method, direction, batch, seqlen, cap)
+        measured = _measured_batch(method, direction, batch, seqlen)
         args = _inputs(measured, seqlen)
         step = _step(method, direction)
         repeats = 2 if method == "chunked" else 1
