@@ -130,7 +130,7 @@ def train_step(state: TrainState, batch: dict, *, model: Any,
       ema_params=keep(ema_params, state.ema_params),
       opt_state=keep(opt_state, state.opt_state), rng=rng,
       skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
-  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), finite=finite,
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), finite=finite,
                  skipped=new_state.skipped)
   return new_state, metrics
 

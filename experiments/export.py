@@ -15,13 +15,6 @@ import ml_collections
 
 from bsmamba2_jax import checkpoints
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the export is written.")
-_USE_EMA = flags.DEFINE_bool("use_ema", True, "Export the EMA weights (else the raw ones).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_BEST = flags.DEFINE_bool("best", False, "Export the best checkpoint by validation uSDR.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in output_dir.")
-
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The experiment config a training run recorded in `workdir/config.json`."""
@@ -67,14 +60,26 @@ def export(workdir: str, output_dir: str, *, use_ema: bool = True, step: int | N
       overwrite=overwrite, metadata=metadata)
 
 
+def define_flags() -> None:
+  """The program's flags; defined only when run as a program, so importing is side-effect free."""
+  flags.DEFINE_string("workdir", None, "Training run directory.")
+  flags.DEFINE_string("output_dir", None, "Where the export is written.")
+  flags.DEFINE_bool("use_ema", True, "Export the EMA weights (else the raw ones).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_bool("best", False, "Export the best checkpoint by validation uSDR.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing export in output_dir.")
+  flags.mark_flags_as_required(["workdir", "output_dir"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  path = export(_WORKDIR.value, _OUTPUT_DIR.value, use_ema=_USE_EMA.value, step=_STEP.value,
-                best=_BEST.value, overwrite=_OVERWRITE.value)
+  f = flags.FLAGS
+  path = export(f.workdir, f.output_dir, use_ema=f.use_ema, step=f.step, best=f.best,
+                overwrite=f.overwrite)
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "output_dir"])
+  define_flags()
   app.run(main)

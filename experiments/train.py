@@ -27,12 +27,6 @@ from ml_collections import config_flags
 from bsmamba2_jax import checkpoints, losses, metrics, training
 from bsmamba2_jax.model import BSMamba2, ModelConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
-_MAX_MINUTES = flags.DEFINE_float("max_minutes", None, "Wall-clock budget; stop, save, validate.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
 CSV_FIELDS = ("step", "loss", "grad_norm", "skipped", "lr", "steps_per_s", "examples_per_s",
               "valid_usdr", "valid_csdr", "valid_input_usdr", "elapsed_s")
 
@@ -313,17 +307,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           "skipped": int(host.skipped), "global_batch": global_batch, "state": host}
 
 
+def define_flags() -> None:
+  """The launcher's flags; defined only when run as a program, so importing is side-effect free."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+  flags.DEFINE_float("max_minutes", None, "Wall-clock budget; stop, save, validate.")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
-  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, max_minutes=_MAX_MINUTES.value,
-                               progress=_PROGRESS.value)
+  f = flags.FLAGS
+  summary = train_and_evaluate(f.config, f.workdir, max_minutes=f.max_minutes,
+                               progress=f.progress)
   summary.pop("state")
   print(json.dumps(summary, indent=1, default=str))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)

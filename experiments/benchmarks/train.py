@@ -1,0 +1,102 @@
+"""Training-step benchmark: the launcher's pmapped `train_step` for the tiny, small and paper
+configs (paper: batch 1, 8-s stereo segment), steps/s, examples/s, the loss's share of a step,
+and achieved GFLOP/s as a fraction of a jitted fp32 matmul measured in the same run.
+
+FLOPs per step: `cost_analysis` of the compiled step (XLA's count; scans count one iteration)
+and the analytic forward count of `limit.model_flops` × 3 (forward + backward). On CPU the
+step runs in fp32 (XLA:CPU bf16 is slower); elsewhere in the config's precision.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import common, limit
+
+# (config module, per-device batch, segment seconds, mono, repeats) per mode.
+CASES = {
+    "smoke": (("tiny", 1, 0.5, True, 1),),
+    "default": (("tiny", 4, 1.0, True, 3), ("small", 2, 4.0, False, 2),
+                ("paper", 1, 8.0, False, 1)),
+    "full": (("tiny", 4, 1.0, True, 5), ("small", 2, 4.0, False, 5),
+             ("paper", 1, 8.0, False, 3)),
+}
+SMOKE_OVERRIDES = dict(dim=16, depth=1, d_state=16, expand=2, headdim=16, n_fft=256,
+                       hop_length=64, band_widths=(32, 32, 65))
+
+
+def experiment_config(name: str, batch: int, seconds: float, mono: bool, smoke: bool):
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  config.train.per_device_batch_size = batch
+  config.data.segment_seconds = seconds
+  config.data.mono = mono
+  config.data.dir = "unused"
+  if jax.default_backend() == "cpu":
+    config.precision = "float32"
+  if smoke:
+    config.model.overrides.update(SMOKE_OVERRIDES)
+  return config
+
+
+def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, smoke: bool,
+             reference_gflops: float) -> dict:
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  config = experiment_config(name, batch, seconds, mono, smoke)
+  experiment = train.Experiment(config)
+  cfg = experiment.model_config
+  devices = jax.local_device_count()
+  samples = train.segment_samples(seconds, cfg.sample_rate)
+  rng = np.random.default_rng(0)
+  shape = (devices, batch, cfg.audio_channels, samples)
+  mixture = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+  data = dict(mixture=mixture, vocals=(0.5 * mixture).astype(np.float32))
+  state = [train.replicate(experiment.init_state(), devices)]
+
+  def step():
+    state[0], metrics = experiment.train_step(state[0], data)
+    return metrics
+
+  row = common.timed(f"train step {name}", step, repeats=repeats, warmup=1, preset=name,
+                     batch=batch * devices, seconds=seconds,
+                     channels=cfg.audio_channels, precision=config.precision,
+                     loss=config.train.loss)
+  row["steps_per_s"] = 1.0 / row["median_s"]
+  row["examples_per_s"] = batch * devices / row["median_s"]
+
+  loss_grad = jax.jit(jax.value_and_grad(experiment.loss_fn))
+  estimate, target = jnp.asarray(mixture[0]), jnp.asarray(data["vocals"][0])
+  loss_times = common.measure(lambda: loss_grad(estimate, target), repeats=repeats, warmup=1)
+  row["loss_s"] = float(np.median(loss_times))
+  row["loss_share"] = row["loss_s"] * devices / row["median_s"]
+
+  single = functools.partial(
+      train.training.train_step, model=experiment.model, optimizer=experiment.optimizer,
+      loss_fn=experiment.loss_fn, ema_decay=config.ema_decay, axis_name=None)
+  host_state = experiment.init_state()
+  batch_one = {k: v[0] for k, v in data.items()}
+  cost = jax.jit(single).lower(host_state, batch_one).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  row["xla_gflop"] = float(cost.get("flops", float("nan"))) / 1e9 if cost else float("nan")
+  row["analytic_gflop"] = 3 * limit.model_flops(cfg, batch, samples)["total"] / 1e9
+  row["gflops"] = row["analytic_gflop"] * devices / row["median_s"]
+  row["of_matmul"] = row["gflops"] / reference_gflops
+  return row
+
+
+def run(mode: str = "default") -> tuple[list[dict], str]:
+  reference = common.matmul_gflops()
+  rows = [reference]
+  for name, batch, seconds, mono, repeats in CASES[mode]:
+    rows.append(case_row(name, batch, seconds, mono, repeats, mode == "smoke",
+                         reference["gflops"]))
+  text = (f"Reference: jitted fp32 2048² matmul {reference['gflops']:.1f} GFLOP/s. "
+          "gflops = analytic (3 × forward) FLOPs / median step time; of_matmul = gflops / "
+          "matmul rate; loss_share = loss value+grad time / step time.\n\n" + common.format_table(
+              rows[1:], ["name", "batch", "seconds", "channels", "precision", "loss",
+                         "median_s", "steps_per_s", "examples_per_s", "loss_share",
+                         "xla_gflop", "analytic_gflop", "gflops", "of_matmul"]))
+  return rows, text

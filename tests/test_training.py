@@ -1,0 +1,333 @@
+"""Training: optimiser and EMA against a float64 NumPy AdamW, skipped non-finite steps, gradient
+accumulation, pmap over 2 devices vs 1, SIGTERM + resume, multi-host, export."""
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bsmamba2_jax import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ToyModel:
+  """estimate = mixture · gain[c] + mixer.A_log[c]: gradients have a closed form."""
+
+  @staticmethod
+  def apply(variables, mixture):
+    p = variables["params"]
+    return mixture * p["gain"][:, None] + p["mixer"]["A_log"][:, None]
+
+
+def mse(estimate, target):
+  return jnp.mean((estimate - target) ** 2)
+
+
+def optimizer_config(**overrides):
+  fields = dict(lr=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, clip=0.5, warmup_steps=0,
+                schedule="constant", no_decay_mask=True, accumulate=1)
+  return ml_collections.ConfigDict(dict(fields, **overrides))
+
+
+def toy_state(optimizer):
+  params = {"gain": jnp.array([0.3, -0.2]), "mixer": {"A_log": jnp.array([0.1, 0.4])}}
+  return training.TrainState.create(params, optimizer, jax.random.PRNGKey(0))
+
+
+def toy_batch(seed, batch=3, samples=16):
+  rng = np.random.default_rng(seed)
+  mixture = rng.standard_normal((batch, 2, samples)).astype(np.float32)
+  vocals = (0.7 * mixture + 0.05 * rng.standard_normal(mixture.shape)).astype(np.float32)
+  return dict(mixture=mixture, vocals=vocals)
+
+
+def numpy_adamw_run(batches, cfg, ema_decay):
+  """Float64 reference: clip-by-global-norm, AdamW (decay off for A_log), EMA per update."""
+  gain, bias = np.array([0.3, -0.2]), np.array([0.1, 0.4])
+  ema = [gain.copy(), bias.copy()]
+  m = [np.zeros(2), np.zeros(2)]
+  v = [np.zeros(2), np.zeros(2)]
+  for t, batch in enumerate(batches, start=1):
+    x, y = batch["mixture"].astype(np.float64), batch["vocals"].astype(np.float64)
+    residual = x * gain[:, None] + bias[:, None] - y
+    channels = x.shape[1]  # d/dθ of the mean over (b, c, n) of residual².
+    grads = [2 * np.mean(residual * x, axis=(0, 2)) / channels,
+             2 * np.mean(residual, axis=(0, 2)) / channels]
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+    grads = [g * min(1.0, cfg.clip / norm) for g in grads]
+    params = [gain, bias]
+    for i, decays in enumerate((True, False)):
+      m[i] = cfg.b1 * m[i] + (1 - cfg.b1) * grads[i]
+      v[i] = cfg.b2 * v[i] + (1 - cfg.b2) * grads[i] ** 2
+      m_hat, v_hat = m[i] / (1 - cfg.b1 ** t), v[i] / (1 - cfg.b2 ** t)
+      step = m_hat / (np.sqrt(v_hat) + cfg.eps) + (cfg.weight_decay * params[i] if decays else 0)
+      params[i] = params[i] - cfg.lr * step
+    gain, bias = params
+    ema = [ema_decay * e + (1 - ema_decay) * p for e, p in zip(ema, params)]
+  return (gain, bias), ema
+
+
+def jit_step(optimizer, ema_decay=0.9):
+  return jax.jit(functools.partial(training.train_step, model=ToyModel, optimizer=optimizer,
+                                   loss_fn=mse, ema_decay=ema_decay, axis_name=None))
+
+
+def test_train_step_matches_numpy_adamw_with_clipping_mask_and_ema():
+  cfg = optimizer_config()
+  optimizer = training.make_optimizer(cfg, num_steps=10)
+  step = jit_step(optimizer)
+  state = toy_state(optimizer)
+  batches = [toy_batch(seed) for seed in range(4)]
+  for batch in batches:
+    state, metrics = step(state, batch)
+    assert bool(metrics["finite"])
+  (gain, bias), (ema_gain, ema_bias) = numpy_adamw_run(batches, cfg, ema_decay=0.9)
+  np.testing.assert_allclose(state.params["gain"], gain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(state.params["mixer"]["A_log"], bias, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(state.ema_params["gain"], ema_gain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(state.ema_params["mixer"]["A_log"], ema_bias, rtol=1e-5, atol=1e-5)
+  assert int(state.step) == 4 and int(state.skipped) == 0
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  optimizer = training.make_optimizer(optimizer_config(), num_steps=10)
+  step = jit_step(optimizer)
+  state = toy_state(optimizer)
+  bad = toy_batch(0)
+  bad["mixture"][0, 0, 3] = np.nan
+  new, metrics = step(state, bad)
+  assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
+  for name in ("params", "ema_params", "opt_state"):
+    for a, b in zip(jax.tree_util.tree_leaves(getattr(state, name)),
+                    jax.tree_util.tree_leaves(getattr(new, name))):
+      np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(new.rng, state.rng)
+  after, metrics = step(new, toy_batch(1))
+  assert bool(metrics["finite"]) and int(after.skipped) == 1
+  assert np.all(np.isfinite(after.params["gain"]))
+  assert not np.array_equal(after.params["gain"], state.params["gain"])
+
+
+def test_accumulation_equals_one_step_on_the_joined_batch():
+  first, second = toy_batch(0), toy_batch(1)
+  joined = {k: np.concatenate([first[k], second[k]]) for k in first}
+  single = training.make_optimizer(optimizer_config(), num_steps=10)
+  reference, _ = jit_step(single)(toy_state(single), joined)
+  accumulated = training.make_optimizer(optimizer_config(accumulate=2), num_steps=20)
+  step = jit_step(accumulated)
+  state = toy_state(accumulated)
+  half, _ = step(state, first)
+  np.testing.assert_array_equal(half.params["gain"], state.params["gain"])  # Not applied yet.
+  np.testing.assert_array_equal(half.ema_params["gain"], state.ema_params["gain"])
+  full, _ = step(half, second)
+  for a, b in zip(jax.tree_util.tree_leaves((reference.params, reference.ema_params)),
+                  jax.tree_util.tree_leaves((full.params, full.ema_params))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_learning_rate_schedules():
+  constant = training.learning_rate(optimizer_config(warmup_steps=4), 100)
+  np.testing.assert_allclose([constant(i) for i in (0, 2, 4, 50)], [0, 0.025, 0.05, 0.05])
+  cosine = training.learning_rate(optimizer_config(warmup_steps=10, schedule="cosine"), 110)
+  for i in (20, 60, 110):
+    expected = 0.05 * 0.5 * (1 + np.cos(np.pi * (i - 10) / 100))
+    np.testing.assert_allclose(cosine(i), expected, rtol=1e-5, atol=1e-8)
+  with pytest.raises(ValueError, match="schedule"):
+    training.learning_rate(optimizer_config(schedule="linear"), 10)
+
+
+def test_weight_decay_mask_spares_mamba_scalars():
+  params = {"layer": {"mixer": {"A_log": 1, "D": 1, "dt_bias": 1, "in_proj": {"kernel": 1}}}}
+  mask = training.weight_decay_mask(params)
+  assert mask == {"layer": {"mixer": {"A_log": False, "D": False, "dt_bias": False,
+                                      "in_proj": {"kernel": True}}}}
+
+
+# ---- The real (microscopic) model, in subprocesses. -------------------------------------------
+
+MICRO = textwrap.dedent("""
+    import sys
+    from experiments.configs import tiny
+
+    def micro_config(data_dir, num_steps):
+      c = tiny.get_config()
+      c.model.overrides.update(dict(dim=16, depth=1, d_state=16, expand=2, headdim=16, n_fft=256,
+                                    hop_length=64, band_widths=(32, 32, 65)))
+      c.data.dir = data_dir
+      c.data.synthetic.generate = False
+      c.data.segment_seconds = 0.5
+      c.train.num_steps = num_steps
+      c.train.per_device_batch_size = 2
+      c.optimizer.warmup_steps = 0
+      c.eval.segment_seconds = 0.5
+      c.eval.batch_size = 2
+      c.eval.max_examples = 2
+      c.log_every = 1
+      c.eval_every = c.ckpt_every = 1000
+      return c
+    """)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Environment for subprocesses: repo on the path, a shared persistent compilation cache."""
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu",
+              TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from data_pipeline import synthetic
+  return synthetic.generate_dataset(str(tmp_path_factory.mktemp("data")), num_train=3,
+                                    num_test=1, num_valid=1, seconds=3.0, seed=0)
+
+
+def run_python(code, env, timeout=300):
+  result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_pmap_two_devices_equals_one_device(env):
+  code = MICRO + textwrap.dedent("""
+      import functools, jax, numpy as np
+      from bsmamba2_jax import training
+      from experiments import train
+      config = micro_config("unused", 4)
+      config.precision = "float32"
+      exp = train.Experiment(config)
+      state = exp.init_state()
+      rng = np.random.default_rng(0)
+      mixture = rng.standard_normal((4, 1, 22050)).astype(np.float32) * 0.1
+      batch = dict(mixture=mixture, vocals=0.5 * mixture)
+      step = functools.partial(training.train_step, model=exp.model, optimizer=exp.optimizer,
+                               loss_fn=exp.loss_fn, ema_decay=0.9)
+      results = []
+      for devices in (jax.devices()[:2], jax.devices()[:1]):
+        n = len(devices)
+        p_step = jax.pmap(step, axis_name="batch", devices=devices)
+        shard = {k: v.reshape((n, 4 // n) + v.shape[1:]) for k, v in batch.items()}
+        new, metrics = p_step(train.replicate(state, n), shard)
+        results.append((train.unreplicate(new), train.unreplicate(metrics)))
+      (two, m2), (one, m1) = results
+      assert len(jax.devices()) == 2
+      np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+      for a, b, init in zip(jax.tree_util.tree_leaves(two.params),
+                            jax.tree_util.tree_leaves(one.params),
+                            jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+      changed = max(float(np.max(np.abs(a - i))) for a, i in zip(
+          jax.tree_util.tree_leaves(two.params), jax.tree_util.tree_leaves(state.params)))
+      assert changed > 1e-4, changed
+      print("OK")
+      """)
+  result = run_python(code, dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert "OK" in result.stdout
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, env, data_dir):
+  steps = 6
+  train_code = MICRO + textwrap.dedent(f"""
+      from experiments import train
+      train.train_and_evaluate(micro_config({data_dir!r}, {steps}), sys.argv[1], progress=False)
+      """)
+  reference = tmp_path / "reference"
+  run_python(train_code.replace("sys.argv[1]", repr(str(reference))), env)
+
+  interrupted = tmp_path / "interrupted"
+  code = train_code.replace("sys.argv[1]", repr(str(interrupted)))
+  process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  csv_path = interrupted / "metrics.csv"
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 3:  # header + 2 steps
+      break
+    time.sleep(0.05)
+  assert process.poll() is None, process.communicate()[1][-3000:]
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  from bsmamba2_jax import checkpoints
+  manager = checkpoints.TrainingCheckpoints(interrupted / "checkpoints")
+  stopped_at = manager.latest_step()
+  manager.close()
+  assert 2 <= stopped_at < steps, stopped_at
+
+  run_python(code, env)  # Resumes from `stopped_at` and finishes.
+  from experiments import export
+  resumed = export.restore_state(str(interrupted))
+  expected = export.restore_state(str(reference))
+  assert int(resumed.step) == int(expected.step) == steps
+  for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+  # Export the EMA weights and load them back as a model.
+  output = tmp_path / "export"
+  export.export(str(reference), str(output))
+  model, params = checkpoints.load_model(str(output))
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(FileExistsError):
+    export.export(str(reference), str(output))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_multi_host_processes_agree(tmp_path, env, data_dir):
+  port = _free_port()
+  code = MICRO + textwrap.dedent(f"""
+      import jax, numpy as np
+      from experiments import train
+      config = micro_config({data_dir!r}, 2)
+      config.distributed.update(dict(enabled=True, coordinator_address="127.0.0.1:{port}",
+                                     num_processes=2, process_id=int(sys.argv[1])))
+      summary = train.train_and_evaluate(config, {str(tmp_path / 'run')!r}, progress=False)
+      assert jax.process_count() == 2 and jax.device_count() == 2
+      leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(summary["state"].params)]
+      np.savez({str(tmp_path)!r} + f"/params_{{sys.argv[1]}}.npz", *leaves)
+      """)
+  processes = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  for p in processes:
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+  zero, one = (np.load(tmp_path / f"params_{i}.npz") for i in range(2))
+  assert len(zero.files) == len(one.files) > 0
+  for name in zero.files:
+    np.testing.assert_array_equal(zero[name], one[name])
+
+
+@pytest.mark.slow
+def test_tiny_learns_on_synthetic_data(tmp_path):
+  """The `tiny` config for 300 steps: loss falls, validation uSDR beats the mixture's."""
+  import csv
+  from experiments import train
+  from experiments.configs import tiny
+  config = tiny.get_config()
+  config.data.dir = str(tmp_path / "data")
+  config.eval_every = config.ckpt_every = 1000
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert summary["step"] == config.train.num_steps and summary["skipped"] == 0
+  with open(tmp_path / "run" / "metrics.csv") as f:
+    losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+  assert summary["valid_usdr"] > summary["valid_input_usdr"] + 1.0, summary
