@@ -75,8 +75,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  path = export(f.workdir, f.output_dir, use_ema=f.use_ema, step=f.step, best=f.best,
-                overwrite=f.overwrite)
+  try:
+    path = export(f.workdir, f.output_dir, use_ema=f.use_ema, step=f.step, best=f.best,
+                  overwrite=f.overwrite)
+  except (OSError, ValueError) as e:  # Bad paths or checkpoints: one line, no traceback.
+    raise SystemExit(f"export: {e}") from None
   print(f"wrote {path}")
 
 

@@ -280,7 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           bar.set_postfix(loss=f"{last['loss']:.4g}", steps_s=f"{speed:.3g}",
                           ex_s=f"{speed * global_batch:.3g}")
       out_of_time = max_minutes is not None and time.time() - start_time > 60 * max_minutes
-      if _stop_requested(bool(received) or out_of_time):
+      # Multi-host: processes agree on stopping at log steps (one small all-gather there).
+      agree_now = jax.process_count() == 1 or step % config.log_every == 0
+      if agree_now and _stop_requested(bool(received) or out_of_time):
         stop_reason = "signal" if received else "time"
         break
       if step == config.train.num_steps:
@@ -320,8 +322,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
-  summary = train_and_evaluate(f.config, f.workdir, max_minutes=f.max_minutes,
-                               progress=f.progress)
+  try:
+    summary = train_and_evaluate(f.config, f.workdir, max_minutes=f.max_minutes,
+                                 progress=f.progress)
+  except (OSError, ValueError) as e:  # Bad data dir, workdir or config: one line.
+    raise SystemExit(f"train: {e}") from None
   summary.pop("state")
   print(json.dumps(summary, indent=1, default=str))
 

@@ -238,6 +238,7 @@ def test_pmap_two_devices_equals_one_device(env):
   assert "OK" in result.stdout
 
 
+@pytest.mark.slow  # Several subprocess compiles: ~1-1.5 min of CPU.
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, env, data_dir):
   steps = 6
   train_code = MICRO + textwrap.dedent(f"""
@@ -291,6 +292,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # Several subprocess compiles: ~1-1.5 min of CPU.
 def test_multi_host_processes_agree(tmp_path, env, data_dir):
   port = _free_port()
   code = MICRO + textwrap.dedent(f"""
