@@ -27,17 +27,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from bsmamba2_jax.model import BSMamba2, ModelConfig
+from bsmamba2_jax.convert import CheckpointError, load_torch_checkpoint
+from bsmamba2_jax.model import BSMamba2, ModelConfig, abstract_params
 
 EXPORT_FORMAT = "bsmamba2-jax-inference"
 EXPORT_VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class CheckpointError(ValueError):
-  """A path that cannot be read as a model checkpoint; the message names path and problem."""
 
 
 def _write_json_atomically(path: str, content: Mapping[str, Any]) -> None:
@@ -77,13 +74,6 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
     checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
   _write_json_atomically(os.path.join(directory, CONFIG_FILE), content)
   return directory
-
-
-def abstract_params(config: ModelConfig) -> Any:
-  """The params tree `BSMamba2(config).init` makes, as `jax.ShapeDtypeStruct`s (no compute)."""
-  audio = jax.ShapeDtypeStruct((1, config.audio_channels, config.n_fft), jnp.float32)
-  init = lambda rng, x: BSMamba2(config).init(rng, x)["params"]
-  return jax.eval_shape(init, jax.random.PRNGKey(0), audio)
 
 
 def check_params(path: str, config: ModelConfig, params: Any) -> None:
@@ -156,23 +146,6 @@ def load_inference(path: str) -> tuple[ModelConfig, Any, dict]:
   return config, jax.tree_util.tree_map(jnp.asarray, params), metadata
 
 
-def _load_torch(path: str) -> tuple[ModelConfig, Any]:
-  from bsmamba2_jax import convert  # Imports torch lazily; only needed for PyTorch files.
-  try:
-    state_dict = convert.read_torch_checkpoint(path)
-  except (FileNotFoundError, ImportError):
-    raise
-  except Exception as e:
-    raise CheckpointError(f"{path}: cannot read PyTorch checkpoint "
-                          f"({type(e).__name__}: {str(e)[:200]})") from None
-  try:
-    return convert.params_from_torch_state_dict(state_dict)
-  except CheckpointError:
-    raise
-  except (KeyError, ValueError) as e:
-    raise CheckpointError(f"{path}: not a BSMamba2 state_dict ({e})") from None
-
-
 def load_model(path: str, **config_overrides: Any) -> tuple[BSMamba2, Any]:
   """(BSMamba2 model, params) from an export directory or a PyTorch checkpoint file.
 
@@ -186,7 +159,7 @@ def load_model(path: str, **config_overrides: Any) -> tuple[BSMamba2, Any]:
   if os.path.isdir(path):
     config, params, _ = load_inference(path)
   elif path.endswith(TORCH_SUFFIXES):
-    config, params = _load_torch(path)
+    config, params = load_torch_checkpoint(path)
   else:
     raise CheckpointError(f"{path}: unrecognised checkpoint file; expected an export directory "
                           f"or a PyTorch file ending in {'/'.join(TORCH_SUFFIXES)}")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bsmamba2_jax import convert
-from bsmamba2_jax.model import BSMamba2, ModelConfig
+from bsmamba2_jax.model import BSMamba2, ModelConfig, abstract_params
 from tests import official_reference as ref
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -62,7 +62,7 @@ def test_official_file_infers_config_and_matches_reference_forward(expected):
 def test_round_trip_is_bit_exact(channels):
   config = ModelConfig.preset("tiny", audio_channels=channels, **MICRO)
   # Random values in every tensor (the init's ones and zeros would hide transposition slips).
-  shapes = convert.abstract_params(config)
+  shapes = abstract_params(config)
   leaves, tree = jax.tree_util.tree_flatten(shapes)
   rng = np.random.default_rng(channels)
   params = jax.tree_util.tree_unflatten(
@@ -85,7 +85,7 @@ def test_round_trip_is_bit_exact(channels):
 def micro_state_dict():
   config = ModelConfig.preset("tiny", **MICRO)
   params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
-                                  convert.abstract_params(config))
+                                  abstract_params(config))
   return convert.params_to_torch_state_dict(config, params)
 
 

@@ -137,7 +137,8 @@ def export(tmp_path_factory):
   """A one-layer tiny model with random parameters, exported (no slow init)."""
   import jax
 
-  from bsmamba2_jax.checkpoints import abstract_params, save_inference
+  from bsmamba2_jax.checkpoints import save_inference
+  from bsmamba2_jax.model import abstract_params
   from bsmamba2_jax.model import ModelConfig
   config = ModelConfig.preset("tiny", depth=1)
   rng = np.random.default_rng(0)

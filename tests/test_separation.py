@@ -292,7 +292,7 @@ def tiny_model():
   """A one-layer tiny model with random parameters (shapes from eval_shape: no slow init)."""
   import jax
 
-  from bsmamba2_jax.checkpoints import abstract_params
+  from bsmamba2_jax.model import abstract_params
   from bsmamba2_jax.model import BSMamba2, ModelConfig
   config = ModelConfig.preset("tiny", depth=1)
   rng = np.random.default_rng(7)
@@ -364,7 +364,7 @@ if model == "identity":
   separator = Separator(lambda c: c, segment=8.0, overlap=0.25, batch_size=2)
 else:
   import jax
-  from bsmamba2_jax.checkpoints import abstract_params
+  from bsmamba2_jax.model import abstract_params
   from bsmamba2_jax.model import BSMamba2, ModelConfig
   config = ModelConfig.preset("tiny")
   rng = np.random.default_rng(0)

@@ -27,7 +27,7 @@ def _random_params(config, seed=0):
   """Parameters of the right shapes, N(0, 0.02²): the timing does not depend on their values."""
   import jax
 
-  from bsmamba2_jax.checkpoints import abstract_params
+  from bsmamba2_jax.model import abstract_params
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
       lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32),
