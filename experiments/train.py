@@ -25,7 +25,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from bsmamba2_jax import checkpoints, losses, metrics, training
-from bsmamba2_jax.model import BSMamba2, ModelConfig
+from bsmamba2_jax.model import BSMamba2, ModelConfig, init_params
 
 CSV_FIELDS = ("step", "loss", "grad_norm", "skipped", "lr", "steps_per_s", "examples_per_s",
               "valid_usdr", "valid_csdr", "valid_input_usdr", "elapsed_s")
@@ -62,10 +62,8 @@ class Experiment:
   def init_state(self) -> training.TrainState:
     """The step-0 state (host arrays) for `config.seed`."""
     rng, init_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
-    audio = jnp.zeros((1, self.model_config.audio_channels, self.model_config.n_fft), jnp.float32)
-    create = lambda r, x: training.TrainState.create(
-        self.model.init(r, x)["params"], self.optimizer, rng)
-    return jax.device_get(jax.jit(create)(init_rng, audio))
+    params = init_params(self.model_config, init_rng)
+    return jax.device_get(training.TrainState.create(params, self.optimizer, rng))
 
   def abstract_state(self) -> Any:
     """`init_state` as ShapeDtypeStructs, computed without running the model."""
