@@ -129,6 +129,8 @@ def test_report_records_failures_targets_and_never_overwrites(tmp_path, monkeypa
   assert found[0]["measured"] == pytest.approx(12.0) and found[0]["holds"]
   assert found[1]["measured"] == pytest.approx(40.0) and not found[1]["holds"]
   assert found[2]["measured"] is None and found[2]["holds"] is None
+  skipped = dict(preset="paper", what="train step", audio_s=1, skipped="needs 20 GB")
+  assert "needs 20 GB" in report.targets({"limit": [skipped]})[2]["setting"]
 
 
 def test_unknown_mode_and_section_are_clear_errors(tmp_path):

@@ -71,13 +71,21 @@ def targets(sections: dict[str, list[dict]]) -> list[dict]:
   where = [
       f"{chunked['sequences']} of 62 sequences" if chunked else "peers not measured",
       f"{chunked['sequences']} of 62 sequences" if chunked and loop else "peers not measured",
-      f"{train['audio_s']:g} s stereo, batch 1" if train else "limit not measured"]
+      f"{train['audio_s']:g} s stereo, batch 1" if train else _why_not(limit)]
   out = []
   for (name, required), value, note in zip(TARGETS, measured, where):
     out.append(dict(target=name, required=required, measured=value,
                     holds=None if value is None else bool(value >= required),
                     margin=None if value is None else value / required, setting=note))
   return out
+
+
+def _why_not(limit: list[dict]) -> str:
+  """Why the paper training step has no time: its row's `skipped` reason, or not run."""
+  for row in limit:
+    if row.get("preset") == "paper" and row.get("what") == "train step" and row.get("skipped"):
+      return f"paper train step {row['audio_s']:g} s not run: {row['skipped']}"
+  return "limit not measured"
 
 
 def plot(sections: dict[str, list[dict]], stem: str) -> list[str]:
