@@ -109,13 +109,17 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
   """Finite batches of aligned, unaugmented windows of `split` (see mixing.validation_windows).
 
   Yields {"mixture", "vocals"}: float32 (batch, C, N) and "track": list of track names; the last
-  batch may be smaller than `batch_size`.
+  batch may be smaller than `batch_size`. `max_examples` keeps that many windows evenly spaced
+  over all tracks and positions (the first windows alone are mostly the tracks' quiet intros).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   segment = _segment_samples(segment_seconds)
   tracks = musdb.MusdbDataset(data_dir).tracks(split)
-  windows = mixing.validation_windows(tracks, segment)[:max_examples]
+  windows = mixing.validation_windows(tracks, segment)
+  if max_examples is not None and max_examples < len(windows):
+    keep = np.unique(np.linspace(0, len(windows) - 1, max(max_examples, 1)).round().astype(int))
+    windows = [windows[i] for i in keep]
   if not windows:
     raise ValueError(f"{data_dir}: no {segment_seconds:g}-s window in the '{split}' split")
 

@@ -86,5 +86,7 @@ def test_validation_iterator(root):
   mono = list(pipeline.validation_iterator(root, segment_seconds=2.0, mono=True, split="test",
                                            max_examples=2))
   assert [b["vocals"].shape for b in mono] == [(1, 1, 88200)] * 2
+  spread = list(pipeline.validation_iterator(root, segment_seconds=2.0, max_examples=2))
+  np.testing.assert_array_equal(spread[1]["vocals"][0], track.read("vocals", 2 * 88200, 88200))
   with pytest.raises(ValueError, match="no 10-s window in the 'valid' split"):
     pipeline.validation_iterator(root, segment_seconds=10.0)
