@@ -251,7 +251,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar = None
   if progress and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=config.train.num_steps, initial=step, desc="train", dynamic_ncols=True)
+    # Under a wall-clock budget the step count is not what ends the run: no step-based ETA.
+    bar = tqdm.tqdm(total=None if max_minutes is not None else config.train.num_steps,
+                    initial=step, desc="train", dynamic_ncols=True)
   state_r = replicate(state, devices)
   last = dict(loss=float("nan"))
   valid = {}
@@ -275,8 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     elapsed_s=now - start_time)
         logger.write(step, last)
         if bar is not None:
+          budget = {} if max_minutes is None else dict(
+              min_left=f"{max(0.0, max_minutes - (now - start_time) / 60):.1f}")
           bar.set_postfix(loss=f"{last['loss']:.4g}", steps_s=f"{speed:.3g}",
-                          ex_s=f"{speed * global_batch:.3g}")
+                          ex_s=f"{speed * global_batch:.3g}", **budget)
       out_of_time = max_minutes is not None and time.time() - start_time > 60 * max_minutes
       # Multi-host: processes agree on stopping at log steps (one small all-gather there).
       agree_now = jax.process_count() == 1 or step % config.log_every == 0
