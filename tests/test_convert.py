@@ -1,6 +1,7 @@
 """Official checkpoints: the torch-free reader, hyperparameter inference, exact round trips and
 one-line errors. `tests/data/official_micro.ckpt` was written by real torch
 (tests/data/make_official_micro.py) and `official_micro.npz` holds its tensors as NumPy."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -159,3 +160,12 @@ def test_cli_converts_to_an_export_that_load_model_reads(tmp_path, expected):
       np.asarray(params["layers_0"]["time"]["forward"]["mixer"]["in_proj"]["kernel"]), ema_in_proj.T)
   again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
   assert again.returncode != 0 and "exists" in again.stderr  # nothing overwritten silently
+  if importlib.util.find_spec("torch") is not None:  # back to a torch file, read by our reader
+    back = str(tmp_path / "back.ckpt")
+    convert.export_torch_checkpoint(str(out), back)
+    round_trip = convert.read_torch_checkpoint(back)
+    ema = {k[len("ema/"):]: v for k, v in expected.items() if k.startswith("ema/")}
+    assert sorted(round_trip) == sorted(ema)
+    assert all(np.array_equal(round_trip[k], ema[k]) for k in ema)
+    with pytest.raises(convert.CheckpointError, match="exists"):
+      convert.export_torch_checkpoint(str(out), back)
