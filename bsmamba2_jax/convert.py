@@ -253,24 +253,21 @@ def key_table(config: ModelConfig) -> Iterator[Entry]:
       yield f"{mlp}.2.bias", ("mask_estimator", f"{run}_bias"), "copy", j
 
 
+# layout -> (official tensor -> ours, ours -> official tensor); each pair is mutually inverse.
+LAYOUTS = {
+    "copy": (lambda v: v, lambda v: v),
+    "linear": (np.transpose, np.transpose),                          # (out, in) <-> (in, out)
+    "conv": (lambda v: v.transpose(2, 1, 0), lambda v: v.transpose(2, 1, 0)),  # (c,1,k) <-> (k,1,c)
+    "convtranspose": (lambda v: v[:, :, 0], lambda v: v[:, :, None]),  # (2d, d, 1) <-> (2d, d)
+}
+
+
 def _to_flax(value: np.ndarray, layout: str) -> np.ndarray:
-  if layout == "linear":
-    return value.T
-  if layout == "conv":
-    return value.transpose(2, 1, 0)
-  if layout == "convtranspose":
-    return value[:, :, 0]
-  return value
+  return LAYOUTS[layout][0](value)
 
 
 def _to_torch(value: np.ndarray, layout: str) -> np.ndarray:
-  if layout == "linear":
-    return value.T
-  if layout == "conv":
-    return value.transpose(2, 1, 0)
-  if layout == "convtranspose":
-    return value[:, :, None]
-  return value
+  return LAYOUTS[layout][1](value)
 
 
 # ------------------------------------------------------------------------- hyperparameter inference
