@@ -37,7 +37,8 @@ PARAMS_DIR = "params"
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def _write_json_atomically(path: str, content: Mapping[str, Any]) -> None:
+def write_json_atomically(path: str, content: Mapping[str, Any]) -> None:
+  """Writes JSON to `path` via a temporary file, so a reader never sees a half-written file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(content, f, indent=1, sort_keys=True)
@@ -72,7 +73,7 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
   params = jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
-  _write_json_atomically(os.path.join(directory, CONFIG_FILE), content)
+  write_json_atomically(os.path.join(directory, CONFIG_FILE), content)
   return directory
 
 

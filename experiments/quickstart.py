@@ -30,6 +30,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from bsmamba2_jax.checkpoints import write_json_atomically
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.py"),
     "Experiment config file.", lock_config=False)
@@ -49,12 +51,6 @@ def _read_json(path: str) -> dict | None:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: corrupted ({e}); delete it to recompute this step") from None
-
-
-def _write_json(path: str, content: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(content, f, indent=1)
-  os.replace(path + ".tmp", path)
 
 
 def make_data(config: ml_collections.ConfigDict) -> str:
@@ -86,7 +82,7 @@ def train(config: ml_collections.ConfigDict, train_dir: str, minutes: float, *,
   spent = dict(minutes_spent=spent["minutes_spent"] + (time.time() - start) / 60,
                step=int(result["step"]), stop_reason=result["stop_reason"])
   if result["stop_reason"] != "signal":
-    _write_json(budget_path, spent)
+    write_json_atomically(budget_path, spent)
   return spent
 
 
@@ -120,7 +116,7 @@ def evaluate(get_separator, data_dir: str, output_dir: str, step: int) -> dict:
   results = evaluation.evaluate(get_separator(), data_dir, "test")
   evaluation.write_results(output_dir, results, overwrite=previous is not None)
   results["step"] = step
-  _write_json(results_path, dict(results, segment_study=[]))
+  write_json_atomically(results_path, dict(results, segment_study=[]))
   return results
 
 
@@ -260,7 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, minutes: float,
       step=step, training_minutes=trained["minutes_spent"], workdir=workdir,
       export=export_dir, separated=outputs, figures=dict(curves=curves, spectrograms=spectrograms),
       evaluation=os.path.join(workdir, "evaluation"))
-  _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+  write_json_atomically(os.path.join(workdir, SUMMARY_FILE), summary)
   print(f"[6/6] summary -> {os.path.join(workdir, SUMMARY_FILE)}\n\n{table(summary)}\n", flush=True)
   print(f"""Made in {workdir}:
   data/ (synthetic dataset), train/ (checkpoints, metrics.csv, tensorboard/), export/ (EMA
