@@ -77,7 +77,11 @@ def _combine(left, right):
 
 def _sequential(x, a, dt, B, C, state):
   """Reference: one step per time step. x (b, l, g, h, p); a, dt (b, l, g, h); B, C (b, l, g, n);
-  state (b, g, h, p, n). Returns y (b, l, g, h, p) and the final state (b, g, h, p, n)."""
+  state (b, g, h, p, n) or None (zeros). Returns y (b, l, g, h, p) and the final state
+  (b, g, h, p, n)."""
+  if state is None:
+    state = jnp.zeros(x.shape[:1] + x.shape[2:] + B.shape[-1:], jnp.float32)
+
   def step(state, inputs):
     x_t, a_t, dt_t, b_t, c_t = inputs
     state = (jnp.exp(a_t)[..., None, None] * state
@@ -92,7 +96,8 @@ def _sequential(x, a, dt, B, C, state):
 def _associative(x, a, dt, B, C, state):
   """Whole-sequence associative scan. Shapes as in `_sequential`."""
   u = jnp.einsum("blgh,blghp,blgn->blghpn", dt, x, B)
-  u = u.at[:, 0].add(jnp.exp(a[:, 0])[..., None, None] * state)
+  if state is not None:
+    u = u.at[:, 0].add(jnp.exp(a[:, 0])[..., None, None] * state)
   _, states = lax.associative_scan(_combine, (a, u), axis=1)
   y = jnp.einsum("blghpn,blgn->blghp", states, C)
   return y, states[:, -1]
@@ -142,12 +147,20 @@ def _chunked(x, a, dt, B, C, state, chunk_size):
 
   # State at each chunk end, carried across chunks; prev_states[:, c] enters chunk c.
   chunk_decay = a_cumsum[..., -1]                       # (b, c, g, h)
-  chunk_states = chunk_states.at[:, 0].add(jnp.exp(chunk_decay[:, 0])[..., None, None] * state)
+  if state is not None:
+    chunk_states = chunk_states.at[:, 0].add(
+        jnp.exp(chunk_decay[:, 0])[..., None, None] * state)
   _, end_states = lax.associative_scan(_combine, (chunk_decay, chunk_states), axis=1)
-  prev_states = jnp.concatenate([state[:, None], end_states[:, :-1]], axis=1)
 
-  # Outputs from the state entering the chunk, decayed to each step.
-  y = y + jnp.einsum("bcgln,bcghpn->bcghlp", C, prev_states) * jnp.exp(a_cumsum)[..., None]
+  # Outputs from the state entering each chunk, decayed to each step. Without an initial state
+  # chunk 0 enters with zeros and is skipped (one chunk: no state term at all).
+  if state is None:
+    first, entering = 1, end_states[:, :-1]
+  else:
+    first, entering = 0, jnp.concatenate([state[:, None], end_states[:, :-1]], axis=1)
+  if nchunks > first:
+    y = y.at[:, first:].add(jnp.einsum("bcgln,bcghpn->bcghlp", C[:, first:], entering)
+                            * jnp.exp(a_cumsum[:, first:])[..., None])
 
   y = jnp.einsum("bcghlp->bclghp", y).reshape(batch, nchunks * q, ngroups, heads, headdim)
   return y[:, :seqlen], end_states[:, -1]
@@ -177,20 +190,16 @@ def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial
   D = None if D is None else jnp.asarray(D)
   initial_state = None if initial_state is None else jnp.asarray(initial_state)
   _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size)
-  batch, _, nheads, headdim = x.shape
-  d_state = B.shape[-1]
   if D is None:
-    D = jnp.zeros((nheads,), jnp.float32)
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, nheads, headdim, d_state), jnp.float32)
+    D = jnp.zeros((x.shape[2],), jnp.float32)
   y, final = _ssd_scan(x, dt, A, B, C, D, initial_state, method=method, chunk_size=chunk_size)
   return (y, final) if return_final_state else y
 
 
 @functools.partial(jax.jit, static_argnames=("method", "chunk_size"))
 def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size):
-  """`ssd_scan` on checked inputs with D and initial_state filled in: one compilation for both
-  the optional and the given forms. Returns (y, final_state)."""
+  """`ssd_scan` on checked inputs with D filled in (one compilation with or without D);
+  initial_state may be None (zeros, whose terms are skipped). Returns (y, final_state)."""
   batch, seqlen, nheads, headdim = x.shape
   ngroups, d_state = B.shape[2:]
   heads = nheads // ngroups
@@ -199,7 +208,8 @@ def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size):
   dtg = dt.astype(f32).reshape(batch, seqlen, ngroups, heads)
   a = dtg * A.astype(f32).reshape(ngroups, heads)
   Bf, Cf = B.astype(f32), C.astype(f32)
-  state = initial_state.astype(f32).reshape(batch, ngroups, heads, headdim, d_state)
+  state = (None if initial_state is None
+           else initial_state.astype(f32).reshape(batch, ngroups, heads, headdim, d_state))
 
   if method == "sequential":
     y, final = _sequential(xg, a, dtg, Bf, Cf, state)
