@@ -49,6 +49,18 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
   return row
 
 
+def memory_budget_bytes(fraction: float = 0.8) -> float | None:
+  """`fraction` of the memory the OS reports available now (Linux MemAvailable), else None."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return fraction * int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
   """A markdown table of `rows` restricted to `columns` (floats to 4 significant digits)."""
   def fmt(v: Any) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 from experiments.benchmarks import common
 
 SECONDS = 60.0
-PAPER_SECONDS = 16.0
+PAPER_SECONDS = 8.0
 SEGMENT, OVERLAP = 8.0, 0.25
 
 
