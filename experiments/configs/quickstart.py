@@ -1,10 +1,12 @@
 """The quickstart run (`python -m experiments.quickstart`): the `tiny` preset on the synthetic
-dataset, set for a 15-minute wall-clock budget on 2 CPU cores (mono, 1-s segments, fast loss).
+dataset, set for a 15-minute wall-clock budget on 2 CPU cores (mono, 1-s segments, the official
+loss).
 
 The run stops on the wall clock (`--minutes`), so `train.num_steps` is only an upper bound and
 the learning rate is constant after warm-up. With a few hundred steps, the EMA decay is short
-(0.95: the initial weights keep < 1e-2 of the average after 100 steps). The sequential scan is
-exact like the chunked one and faster at the tiny sizes (4 heads of 16x16 states) on CPU.
+(0.95: the initial weights keep < 1e-2 of the average after 100 steps). The official loss (time
+L1 + complex STFT L1) rather than tiny's magnitude-only one: uSDR scores the waveform, phase
+included (415 steps with the fast loss: +5.91 dB uSDR; 426 with this one: +6.23 dB).
 `data.dir` is set by the quickstart to `<workdir>/data`.
 """
 import ml_collections
@@ -14,11 +16,11 @@ from experiments.configs import tiny
 
 def get_config() -> ml_collections.ConfigDict:
   config = tiny.get_config()
-  config.model.overrides.scan_method = "sequential"
   config.data.synthetic.num_train = 12
   config.data.synthetic.num_test = 6  # 3 of them sparse-vocal (every odd one).
   config.data.synthetic.seconds = 15.0
   config.train.num_steps = 100_000
+  config.train.loss = "official"
   config.optimizer.lr = 3e-3
   config.optimizer.warmup_steps = 10
   config.ema_decay = 0.95
