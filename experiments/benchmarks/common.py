@@ -38,7 +38,7 @@ def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
               max_s=float(np.max(times)), repeats=times, **fields)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict:
+def matmul_gflops(n: int = 2048, repeats: int = 20) -> dict:
   """Achieved fp32 GFLOP/s of a jitted n×n matmul: the machine's reference rate."""
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(key_a, (n, n), jax.numpy.float32)
