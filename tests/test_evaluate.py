@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from bsmamba2_jax import evaluation
 from data_pipeline.musdb import MusdbDataset
@@ -138,8 +137,7 @@ def export(tmp_path_factory):
   import jax
 
   from bsmamba2_jax.checkpoints import save_inference
-  from bsmamba2_jax.model import abstract_params
-  from bsmamba2_jax.model import ModelConfig
+  from bsmamba2_jax.model import ModelConfig, abstract_params
   config = ModelConfig.preset("tiny", depth=1)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 
 from bsmamba2_jax.model import BSMamba2, ModelConfig, init_params
 from experiments.benchmarks.common import format_table, timed

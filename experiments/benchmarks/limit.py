@@ -43,8 +43,7 @@ from experiments.benchmarks import common, scaling
 # Mode -> (preset, audio seconds, what, remat) cases and the caps of `scaling.timed_compiled`.
 # A train step's analytic count is 3 × forward (model FLOPs, not any recomputation); the
 # default mode runs the paper step without remat, which XLA:CPU of jaxlib 0.10 plans no smaller
-# (see ModelConfig.remat). memory_budget_gb None: 80 % of
-# the memory available when the case runs.
+# (see ModelConfig.remat). memory_budget_gb None: 80 % of the memory available when the case runs.
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": dict(cases=(("tiny", 0.1, "forward", False), ("tiny", 0.1, "train step", True)),
                   repeats=2, time_budget_s=1.0, memory_budget_gb=1.0, matmul_n=256),

@@ -8,8 +8,8 @@ time path) and "associative" materialises all of them even forward, so these row
 many sequences as fit `MEMORY_BUDGET` and their times are scaled linearly to the full batch
 (column `batch` gives the measured batch, `full_s` the scaled median). Scaling favours them: a
 small batch keeps the per-step state in cache (sequential fwd at 8 sequences runs ~5x faster
-per sequence than at 62). "chunked" and "sequential" fwd always run the full batch. A chunk-size sweep of "chunked" fwd+bwd on
-`sweep_batch` time-path sequences closes the section.
+per sequence than at 62). "chunked" and "sequential" fwd always run the full batch. A chunk-size
+sweep of "chunked" fwd+bwd on `sweep_batch` time-path sequences closes the section.
 """
 from __future__ import annotations
 

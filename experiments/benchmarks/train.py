@@ -57,7 +57,8 @@ def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, sm
   shape = (devices, batch, cfg.audio_channels, samples)
   mixture = (0.1 * rng.standard_normal(shape)).astype(np.float32)
   data = dict(mixture=mixture, vocals=(0.5 * mixture).astype(np.float32))
-  state = [train.replicate(experiment.init_state(), devices)]
+  host_state = experiment.init_state()
+  state = [train.replicate(host_state, devices)]
 
   def step():
     state[0], metrics = experiment.train_step(state[0], data)
@@ -66,7 +67,6 @@ def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, sm
   single = functools.partial(
       train.training.train_step, model=experiment.model, optimizer=experiment.optimizer,
       loss_fn=experiment.loss_fn, ema_decay=config.ema_decay, axis_name=None)
-  host_state = experiment.init_state()
   batch_one = {k: v[0] for k, v in data.items()}
   compiled = jax.jit(single).lower(host_state, batch_one).compile()
   stats = scaling.compile_stats(compiled)
