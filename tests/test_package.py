@@ -1,10 +1,14 @@
 """Package-level behaviour: what `import bsmamba2_jax` does to the process."""
 import importlib.metadata
+import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
+
+from experiments import THP_SETTING, huge_pages_environment
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 SHOW = "import os, bsmamba2_jax; print(os.environ.get('XLA_FLAGS', ''))"
@@ -29,3 +33,48 @@ def test_import_turns_off_ynn_fusions_and_keeps_other_flags():
 
 def test_import_keeps_a_ynn_setting_the_user_chose():
   assert _flags_after_import(f"{FLAG}=dot") == f"{FLAG}=dot"
+
+
+LAUNCH = ["python", "-m", "experiments.train", "--workdir=w"]
+MADVISE = "always [madvise] never\n"
+GLIBC = ("glibc", "2.36")
+
+
+def test_launchers_restart_on_huge_pages_and_keep_other_tunables():
+  env = huge_pages_environment({"HOME": "/h"}, LAUNCH, MADVISE, GLIBC)
+  assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, LAUNCH, MADVISE,
+                               GLIBC)
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("environ, argv, thp, libc", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, LAUNCH, MADVISE, GLIBC),  # the user's choice
+    ({"BSMAMBA2_HUGE_PAGES": "0"}, LAUNCH, MADVISE, GLIBC),                  # opted out
+    ({}, ["python", "-m", "pytest"], MADVISE, GLIBC),                        # not a launcher
+    ({}, ["python", "-c", "pass"], MADVISE, GLIBC),
+    ({}, LAUNCH, "always madvise [never]\n", GLIBC),                         # THP off
+    ({}, LAUNCH, "", GLIBC),                                                 # no THP at all
+    ({}, LAUNCH, MADVISE, ("glibc", "2.31")),                                # no such tunable
+    ({}, LAUNCH, MADVISE, ("", "")),                                         # musl and others
+])
+def test_launchers_run_on_unchanged_when_huge_pages_do_not_apply(environ, argv, thp, libc):
+  assert huge_pages_environment(environ, argv, thp, libc) is None
+
+
+def test_a_launcher_really_runs_with_the_tunable(tmp_path):
+  """`python -m experiments.benchmark` records the GLIBC_TUNABLES it ran under."""
+  try:
+    with open(THP_SETTING) as f:
+      thp = f.read()
+  except OSError:
+    pytest.skip("no transparent huge pages on this system")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BSMAMBA2_HUGE_PAGES")}
+  subprocess.run([sys.executable, "-m", "experiments.benchmark", "--mode=smoke", "--only=data",
+                  f"--output_dir={tmp_path}"], env=env, check=True, capture_output=True,
+                 cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+  [report] = tmp_path.glob("*.json")
+  recorded = json.loads(report.read_text())["glibc_tunables"]
+  expected = huge_pages_environment(env, ["python", "-m", "experiments.benchmark"], thp,
+                                    platform.libc_ver())
+  assert recorded == ("" if expected is None else expected["GLIBC_TUNABLES"])

@@ -173,7 +173,8 @@ def markdown(report: dict) -> str:
   lines = [f"# Benchmark {report['date']} on {report['host']} ({report['machine']}, "
            f"{report['cpu_count']} CPUs, jax {report['jax']}, {report['devices'][0]}), "
            f"mode `{report['mode']}`" + ("" if report["complete"] else " (incomplete)"), "",
-           f"XLA_FLAGS: `{report.get('xla_flags') or '(none)'}`", "", "## Targets", "",
+           f"XLA_FLAGS: `{report.get('xla_flags') or '(none)'}`, GLIBC_TUNABLES: "
+           f"`{report.get('glibc_tunables') or '(none)'}`", "", "## Targets", "",
            common.format_table(report["targets"], ["target", "required", "measured", "holds",
                                                    "margin", "setting"])]
   for name, section in report["section_info"].items():
@@ -195,7 +196,8 @@ def build(sections: list[str], mode: str, output_dir: str, *, verbose: bool = Tr
                 host=socket.gethostname(), machine=platform.processor() or platform.machine(),
                 cpu_count=os.cpu_count(), jax=jax.__version__,
                 devices=[str(d) for d in jax.devices()],
-                xla_flags=os.environ.get("XLA_FLAGS", ""), mode=mode, sections={},
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), mode=mode, sections={},
                 section_info={}, targets=targets({}), plots=[], complete=False)
   os.makedirs(output_dir, exist_ok=True)
   stem = _unused_stem(output_dir, f"{datetime.date.today().isoformat()}-{report['host']}")
