@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bsmamba2_jax import ssd
 from bsmamba2_jax.ssd import METHODS, ssd_scan
 
 CHUNK = 16
@@ -125,6 +126,32 @@ def test_gradients_agree_across_methods_and_with_finite_differences():
   for method in ("chunked", "associative"):
     for name, g, g_ref in zip(names, grads[method], grads["sequential"]):
       assert_close(g, g_ref, 1e-4, f"{method} d/d{name}")
+
+
+def test_long_batches_go_through_in_blocks_with_the_same_values_and_gradients(monkeypatch):
+  """Batch 5 of 300 steps: the chunked method maps over blocks of 3 sequences, the last one
+  padded with a zero sequence."""
+  state_size = NHEADS * HEADDIM * D_STATE
+  monkeypatch.setattr(ssd, "UNBLOCKED_STATE_BYTES", 4 * 19 * state_size * 4)  # 19 chunks each
+  monkeypatch.setattr(ssd, "BLOCK_STATE_BYTES", 3 * 19 * state_size * 4)
+  assert ssd._sequences_per_block(4, 300, CHUNK, state_size) == 4
+  assert ssd._sequences_per_block(5, 300, CHUNK, state_size) == 3
+  assert ssd._sequences_per_block(5, CHUNK, CHUNK, state_size) == 5
+  jax.clear_caches()
+  rng = np.random.default_rng(5)
+  x, dt, A, B, C, D, state = (np.concatenate([v, v, v[:1]]) if v.ndim > 1 else v
+                              for v in make_inputs(300, 2, seed=5))
+  y_ref, final_ref = reference(x, dt, A, B, C, D, state)
+  y, final = ssd_scan(*f32(x, dt, A, B, C, D), chunk_size=CHUNK, initial_state=f32(state)[0],
+                      return_final_state=True)
+  assert_close(y, y_ref, 1e-5, "blocked y")
+  assert_close(final, final_ref, 1e-5, "blocked final state")
+  cotangents = f32(rng.normal(size=y.shape), rng.normal(size=final.shape))
+  grads = {method: jax.grad(_objective(method, cotangents), argnums=tuple(range(7)),
+                            has_aux=True)(*f32(x, dt, A, B, C, D, state))[0]
+           for method in ("chunked", "sequential")}
+  for name, g, g_ref in zip("x dt A B C D initial_state".split(), *grads.values()):
+    assert_close(g, g_ref, 1e-4, f"blocked d/d{name}")
 
 
 @pytest.mark.parametrize("method", METHODS)
