@@ -129,6 +129,11 @@ def test_report_records_failures_targets_and_never_overwrites(tmp_path, monkeypa
   assert found[0]["measured"] == pytest.approx(12.0) and found[0]["holds"]
   assert found[1]["measured"] == pytest.approx(40.0) and not found[1]["holds"]
   assert found[2]["measured"] is None and found[2]["holds"] is None
+  scan = [dict(path="time 62x801", method=m, direction="fwd+bwd", batch=b, median_s=t, full_s=f)
+          for m, b, t, f in (("sequential", 3, 1.5, 31.0), ("chunked", 62, 3.1, 3.1))]
+  at_full_shape = report.targets({"scan": scan, "peers": peers})[0]
+  assert at_full_shape["measured"] == pytest.approx(10.0) and at_full_shape["holds"]
+  assert at_full_shape["setting"] == "62 × 801 (sequential on 3, scaled)"
   skipped = dict(preset="paper", what="train step", audio_s=1, skipped="needs 20 GB")
   assert "needs 20 GB" in report.targets({"limit": [skipped]})[2]["setting"]
 

@@ -73,8 +73,7 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
         measured = _measured_batch(method, direction, batch, seqlen)
         args = _inputs(measured, seqlen)
         step = _step(method, direction)
-        repeats = 2 if method == "chunked" else 1
-        row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=repeats,
+        row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=3,
                     path=f"{path} {batch}x{seqlen}", method=method, direction=direction,
                     batch=measured, chunk_size=64 if method == "chunked" else None)
         row["full_s"] = row["median_s"] * batch / measured
