@@ -49,16 +49,17 @@ def matmul_gflops(n: int = 2048, repeats: int = 20) -> dict:
   return row
 
 
-def memory_budget_bytes(fraction: float = 0.8) -> float | None:
-  """`fraction` of the memory the OS reports available now (Linux MemAvailable), else None."""
+def memory_budget_gb(fraction: float = 0.8, unknown_gb: float = 8.0) -> float:
+  """`fraction` of the memory the OS reports available now (Linux MemAvailable), in GB;
+  `unknown_gb` where the OS does not say."""
   try:
     with open("/proc/meminfo") as f:
       for line in f:
         if line.startswith("MemAvailable:"):
-          return fraction * int(line.split()[1]) * 1024
+          return fraction * int(line.split()[1]) * 1024 / 1e9
   except OSError:
     pass
-  return None
+  return unknown_gb
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -128,9 +128,7 @@ def case_row(preset: str, seconds: float, what: str, remat: bool, settings: dict
   else:
     fn, args = train_step, (params, optimizer.init(params), audio, target)
     analytic = 3 * flops["total"]
-  budget_gb = settings["memory_budget_gb"]
-  if budget_gb is None:
-    budget_gb = (common.memory_budget_bytes() or 8e9) / 1e9
+  budget_gb = settings["memory_budget_gb"] or common.memory_budget_gb()
   name = f"{preset} {what} {seconds:g} s{' remat' if remat else ''}"
   row = scaling.timed_compiled(
       name, fn, args, repeats=settings["repeats"],

@@ -64,20 +64,20 @@ def targets(sections: dict[str, list[dict]]) -> list[dict]:
   sequential on a few sequences, scaled) when that ran, else from `peers` (2 of the 62).
   """
   scan, peers, limit = (sections.get(k, []) for k in ("scan", "peers", "limit"))
+  peer_chunked, peer_sequential, loop = (
+      _find(peers, direction="fwd+bwd", **match) for match in (
+          dict(peer="jax", method="chunked"), dict(peer="jax", method="sequential"),
+          dict(peer="torch loop")))
   full = dict(path="time 62x801", direction="fwd+bwd")
   chunked, sequential = (_find(scan, method=m, **full) for m in ("chunked", "sequential"))
   if chunked and sequential:
     versus_sequential = sequential["full_s"] / chunked["full_s"]
     where_sequential = f"62 × 801 (sequential on {sequential['batch']}, scaled)"
   else:
-    chunked, sequential = (_find(peers, peer="jax", method=m, direction="fwd+bwd")
-                           for m in ("chunked", "sequential"))
-    versus_sequential = (sequential["median_s"] / chunked["median_s"]
-                         if chunked and sequential else None)
-    where_sequential = (f"{chunked['sequences']} of 62 sequences" if chunked
+    versus_sequential = (peer_sequential["median_s"] / peer_chunked["median_s"]
+                         if peer_chunked and peer_sequential else None)
+    where_sequential = (f"{peer_chunked['sequences']} of 62 sequences" if peer_chunked
                         else "scan and peers not measured")
-  peer_chunked = _find(peers, peer="jax", method="chunked", direction="fwd+bwd")
-  loop = _find(peers, peer="torch loop", direction="fwd+bwd")
   train = _find(limit, preset="paper", what="train step")
   measured = [
       versus_sequential,

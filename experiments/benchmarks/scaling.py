@@ -90,6 +90,13 @@ def compile_stats(compiled) -> dict:
   return stats
 
 
+def over_budget(peak_bytes: float | None, memory_budget_gb: float) -> str | None:
+  """Why a compiled program needing `peak_bytes` must not run, or None if it fits."""
+  if peak_bytes is not None and peak_bytes > memory_budget_gb * 1e9:
+    return f"needs {peak_bytes / 1e9:.1f} GB > budget {memory_budget_gb:.1f} GB"
+  return None
+
+
 def timed_compiled(name: str, fn: Callable, args: tuple, *, repeats: int, time_budget_s: float,
                    memory_budget_gb: float, **fields: Any) -> dict:
   """Compiles `fn(*args)`, then times it unless its peak memory exceeds the budget.
@@ -100,9 +107,9 @@ def timed_compiled(name: str, fn: Callable, args: tuple, *, repeats: int, time_b
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   stats = dict(compile_s=time.perf_counter() - start, **compile_stats(compiled))
-  if stats["peak_bytes"] is not None and stats["peak_bytes"] > memory_budget_gb * 1e9:
-    return dict(name=name, skipped=f"needs {stats['peak_bytes'] / 1e9:.1f} GB > budget "
-                f"{memory_budget_gb:g} GB", median_s=None, repeats=[], **stats, **fields)
+  skipped = over_budget(stats["peak_bytes"], memory_budget_gb)
+  if skipped:
+    return dict(name=name, skipped=skipped, median_s=None, repeats=[], **stats, **fields)
   start = time.perf_counter()
   common.block(compiled(*args))
   warmup_s = time.perf_counter() - start

@@ -2,17 +2,15 @@
 full) paper configs (paper: batch 1, 8-s stereo segment), steps/s, examples/s, the loss's share
 of a step, and achieved GFLOP/s as a fraction of a jitted fp32 matmul measured in the same run.
 
-A case whose compiled step needs more than 80 % of the memory available (XLA memory_analysis,
-temporaries + outputs) is not run; its row says how much it needs. The `limit` section times
-the paper training step on 1 s in the default mode.
+The pmapped step is compiled once; a case whose program needs more than 80 % of the memory
+available (XLA memory_analysis, temporaries + outputs, × devices) is not run and its row says how
+much it needs. The `limit` section times the paper training step on 1 s in the default mode.
 
 FLOPs per step: `cost_analysis` of the compiled step (XLA's count; scans count one iteration)
 and the analytic forward count of `limit.model_flops` × 3 (forward + backward). On CPU the
 step runs in fp32 (XLA:CPU bf16 is slower); elsewhere in the config's precision.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,30 +55,24 @@ def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, sm
   shape = (devices, batch, cfg.audio_channels, samples)
   mixture = (0.1 * rng.standard_normal(shape)).astype(np.float32)
   data = dict(mixture=mixture, vocals=(0.5 * mixture).astype(np.float32))
-  host_state = experiment.init_state()
-  state = [train.replicate(host_state, devices)]
+  state = [train.replicate(experiment.init_state(), devices)]
 
-  def step():
-    state[0], metrics = experiment.train_step(state[0], data)
-    return metrics
-
-  single = functools.partial(
-      train.training.train_step, model=experiment.model, optimizer=experiment.optimizer,
-      loss_fn=experiment.loss_fn, ema_decay=config.ema_decay, axis_name=None)
-  batch_one = {k: v[0] for k, v in data.items()}
-  compiled = jax.jit(single).lower(host_state, batch_one).compile()
-  stats = scaling.compile_stats(compiled)
+  compiled = experiment.train_step.lower(state[0], data).compile()
+  stats = scaling.compile_stats(compiled)  # one device's program
   fields = dict(preset=name, batch=batch * devices, seconds=seconds, channels=cfg.audio_channels,
                 precision=config.precision, loss=config.train.loss,
                 analytic_gflop=3 * limit.model_flops(cfg, batch, samples)["total"] / 1e9,
                 xla_gflop=(stats["xla_flops"] or float("nan")) / 1e9,
                 peak_gb=None if stats["peak_bytes"] is None else stats["peak_bytes"] / 1e9)
-  budget = common.memory_budget_bytes()
-  if stats["peak_bytes"] and budget and stats["peak_bytes"] * devices > budget:
-    return dict(name=f"train step {name}", median_s=None, repeats=[], **fields,
-                skipped=f"needs {stats['peak_bytes'] * devices / 1e9:.1f} GB > 80 % of the "
-                f"available memory ({budget / 1e9:.1f} GB)")
-  del compiled
+  skipped = scaling.over_budget(
+      None if stats["peak_bytes"] is None else stats["peak_bytes"] * devices,
+      common.memory_budget_gb())
+  if skipped:
+    return dict(name=f"train step {name}", median_s=None, repeats=[], skipped=skipped, **fields)
+
+  def step():
+    state[0], metrics = compiled(state[0], data)
+    return metrics
 
   row = common.timed(f"train step {name}", step, repeats=repeats, warmup=1, **fields)
   row["steps_per_s"] = 1.0 / row["median_s"]
