@@ -13,8 +13,11 @@ numbers up to rounding:
 - "chunked":     the SSD matmul form of the Mamba2 paper (cf. mamba_ssm's `ssd_minimal`): within a
   chunk of Q steps the output is a masked matmul (C Bᵀ ∘ L) X with
   L[i, j] = exp(Σ_{k=j+1..i} dt_k A); chunk-end states are carried across chunks by
-  `lax.associative_scan`; states then reach the outputs of the next chunk. Large batches of
-  long sequences go through `lax.map` a few sequences at a time, so their states stay in cache.
+  `lax.associative_scan`; states then reach the outputs of the next chunk. Its backward pass is
+  written out (`jax.custom_vjp`, so reverse mode only) with every contraction in XLA's canonical
+  batched-matmul form: autodiff's transposed operands made XLA:CPU copy big arrays element by
+  element (1.24x faster fwd+bwd at the paper's 62 x 801). Large batches of long sequences go
+  through `lax.map` a few sequences at a time, so their states stay in cache.
 
 dt·A, cumulative sums, exponentials and states are float32 whatever the input dtype; the output
 has the dtype of `x`. Segment sums are built without cancellation (a cumulative sum of a masked
@@ -73,11 +76,11 @@ def _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size):
 def _combine(left, right):
   """Composes two affine state maps S -> exp(a)·S + u, `left` applied first.
 
-  a: (..., g, h) log-decays; u: (..., g, h, p, n) updates (any leading axes, aligned).
+  a: log-decays shaped to broadcast against the updates u (any leading axes, aligned).
   """
   a_left, u_left = left
   a_right, u_right = right
-  return a_left + a_right, jnp.exp(a_right)[..., None, None] * u_left + u_right
+  return a_left + a_right, jnp.exp(a_right) * u_left + u_right
 
 
 def _sequential(x, a, dt, B, C, state):
@@ -103,25 +106,158 @@ def _associative(x, a, dt, B, C, state):
   u = jnp.einsum("blgh,blghp,blgn->blghpn", dt, x, B)
   if state is not None:
     u = u.at[:, 0].add(jnp.exp(a[:, 0])[..., None, None] * state)
-  _, states = lax.associative_scan(_combine, (a, u), axis=1)
+  _, states = lax.associative_scan(_combine, (a[..., None, None], u), axis=1)
   y = jnp.einsum("blghpn,blgn->blghp", states, C)
   return y, states[:, -1]
 
 
-def _segment_sums(a):
-  """L-exponents without cancellation. a (..., q) -> (..., q, q) with out[..., i, j] =
-  Σ_{k=j+1..i} a_k for i >= j and -inf above the diagonal.
+def _window(q):
+  """(q, q, q) float32 mask, window[i, j, k] = [j < k <= i]: the a_k that segment (i, j) sums."""
+  k = jnp.arange(q)
+  return ((k[None, None, :] <= k[:, None, None])
+          & (k[None, None, :] > k[None, :, None])).astype(jnp.float32)
 
-  The masked repeat window[i, j, k] = [j < k <= i] is summed by one contraction (a single GEMM
-  over all heads and chunks; XLA:CPU lowers a cumulative sum to an O(q) reduce-window per
-  element). Every term of a sum has the sign of dt·A, so no cancellation occurs; HIGHEST
-  precision keeps accelerators from rounding a to bf16/tf32 inside the contraction.
+
+def _decay(a, transposed=False):
+  """L = exp(segment sums) without cancellation. a (..., q) -> (..., q, q) with
+  L[..., i, j] = exp(Σ_{k=j+1..i} a_k) for i >= j and 0 above the diagonal (Lᵀ if transposed,
+  built directly: transposing a minor axis costs XLA:CPU more than this GEMM and exp).
+
+  The masked repeat `_window` is summed by one contraction (a single GEMM over all heads and
+  chunks; XLA:CPU lowers a cumulative sum to an O(q) reduce-window per element). Every term of a
+  sum has the sign of dt·A, so no cancellation occurs; HIGHEST precision keeps accelerators from
+  rounding a to bf16/tf32 inside the contraction. The mask is applied before `exp`.
   """
   q = a.shape[-1]
   k = jnp.arange(q)
-  window = (k[None, None, :] <= k[:, None, None]) & (k[None, None, :] > k[None, :, None])
-  sums = jnp.einsum("...k,ijk->...ij", a, window.astype(a.dtype), precision=lax.Precision.HIGHEST)
-  return jnp.where(k[:, None] >= k[None, :], sums, -jnp.inf)  # mask before exp
+  window, lower = _window(q), k[:, None] >= k[None, :]
+  if transposed:
+    window, lower = jnp.swapaxes(window, 0, 1), lower.T
+  sums = jnp.einsum("...k,ijk->...ij", a, window, precision=lax.Precision.HIGHEST)
+  return jnp.exp(jnp.where(lower, sums, -jnp.inf))
+
+
+def _entering_states(state, end_states):
+  """States entering chunks `first`.. : (first, (b, c - first, g, n, h, p)). Without an initial
+  state chunk 0 enters with zeros and is skipped (first = 1)."""
+  if state is None:
+    return 1, end_states[:, :-1]
+  return 0, jnp.concatenate([state[:, None], end_states[:, :-1]], axis=1)
+
+
+def _skipped_chunks_as_zeros(first, v):
+  """Pads v (b, c - first, ...) with `first` zero chunks in front."""
+  return jnp.pad(v, [(0, 0), (first, 0)] + [(0, 0)] * (v.ndim - 2)) if first else v
+
+
+def _minor_swap(v):
+  """Swaps the last two axes (XLA:CPU moves the minor axis element by element: ~20x a copy)."""
+  return jnp.swapaxes(v, -1, -2)
+
+
+def _chunk_scan_forward(X, a, B, C, state):
+  """The chunked SSD on chunk-major arrays. Returns (y, final_state) and the residuals of
+  `_chunk_scan_backward`.
+
+  X (b, c, g, l, h, p) = x·dt; a (b, c, g, h, l) = dt·A; B, C (b, c, g, l, n); state
+  (b, g, n, h, p) or None. Every contraction is a batched matmul in XLA's canonical form
+  [batch, m, k] x [batch, k, n] (operands permuted only in major axes), so XLA:CPU never
+  transposes a big operand: states are laid out (n, h·p), and each state contraction is one
+  matmul per chunk over all heads, (n × l)·(l × h·p) or (l × n)·(n × h·p).
+  """
+  a_cumsum = jnp.cumsum(a, axis=-1)                          # (b, c, g, h, l): Σ_{k<=l} a_k
+  decay = _decay(a)                                          # (b, c, g, h, l, s): L
+
+  # Outputs from inputs of the same chunk: (C Bᵀ ∘ L) X, one matmul per head.
+  scores = jnp.einsum("bcgln,bcgns->bcgls", C, _minor_swap(B))
+  mixer = scores[:, :, :, None] * decay                      # (b, c, g, h, l, s)
+  y = jnp.einsum("bcghls,bcghsp->bcghlp", mixer, jnp.einsum("bcgshp->bcghsp", X))
+  y = jnp.einsum("bcghlp->bcglhp", y)
+
+  # Each chunk's contribution to the state at its end: decay from step s to the chunk end.
+  to_end = _minor_swap(decay[..., -1, :])[..., None]         # (b, c, g, s, h, 1)
+  chunk_states = jnp.einsum("bcgns,bcgshp->bcgnhp", _minor_swap(B), X * to_end)
+
+  # State at each chunk end, carried across chunks by an associative scan.
+  log_decay = a_cumsum[..., -1][:, :, :, None, :, None]     # (b, c, g, 1, h, 1)
+  if state is not None:
+    chunk_states = chunk_states.at[:, 0].add(jnp.exp(log_decay[:, 0]) * state)
+  _, end_states = lax.associative_scan(_combine, (log_decay, chunk_states), axis=1)
+
+  # Outputs from the state entering each chunk, decayed to each step.
+  first, entering = _entering_states(state, end_states)
+  growth = jnp.exp(_minor_swap(a_cumsum))[..., None]        # (b, c, g, l, h, 1)
+  y_state = jnp.einsum("bcgln,bcgnhp->bcglhp", C[:, first:], entering) * growth[:, first:]
+  y = y + _skipped_chunks_as_zeros(first, y_state)
+  residuals = (X, a, B, C, state, a_cumsum, to_end, scores, end_states, y_state)
+  return (y, end_states[:, -1]), residuals
+
+
+def _chunk_scan_backward(residuals, cotangents):
+  """Gradients of `_chunk_scan_forward` w.r.t. (X, a, B, C, state), written out (autodiff
+  transposes each matmul's operands into non-canonical order, which XLA:CPU pays for with
+  element-by-element copies). Two big arrays change their minor axis: X and the gradient of
+  the state outputs."""
+  X, a, B, C, state, a_cumsum, to_end, scores, end_states, y_state = residuals
+  d_y, d_final = cotangents
+  first, entering = _entering_states(state, end_states)
+  log_decay = a_cumsum[..., -1][:, :, :, None, :, None]     # (b, c, g, 1, h, 1)
+  growth = jnp.exp(a_cumsum)                                 # (b, c, g, h, l)
+  d_y_t = jnp.einsum("bcglhp->bcghpl", d_y)                  # minor axis moved (1 of 2)
+
+  # Through the outputs of the entering states.
+  d_y_state = d_y[:, first:] * _minor_swap(growth)[:, first:, ..., None]
+  d_entering = jnp.einsum("bcgnl,bcglhp->bcgnhp", _minor_swap(C[:, first:]), d_y_state)
+  d_C = _skipped_chunks_as_zeros(first, _minor_swap(jnp.einsum(
+      "bcgnhp,bcghpl->bcgnl", entering, d_y_t[:, first:] * growth[:, first:, :, :, None])))
+  d_a_cumsum = _minor_swap(_skipped_chunks_as_zeros(first, jnp.sum(d_y[:, first:] * y_state,
+                                                                   axis=-1)))
+
+  # Gradient reaching each end state, directly (it enters the next chunk or is the final state)
+  # and through the next end state: G_c = direct_c + exp(log_decay_{c+1})·G_{c+1}, a reverse
+  # associative scan.
+  direct = jnp.concatenate([d_entering[:, 1 - first:], d_final[:, None]], axis=1)
+  next_decay = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
+  _, d_end = lax.associative_scan(_combine, (next_decay, direct), axis=1, reverse=True)
+  d_log_decay = _skipped_chunks_as_zeros(first, jnp.sum(d_end[:, first:] * entering, axis=(3, 5)))
+  d_a_cumsum = d_a_cumsum.at[..., -1].add(d_log_decay * jnp.exp(a_cumsum[..., -1]))
+  d_state = (None if state is None
+             else d_entering[:, 0] + jnp.exp(log_decay[:, 0]) * d_end[:, 0])
+
+  # Through the chunk states (d_end is their gradient).
+  d_X_to_end = jnp.einsum("bcgsn,bcgnhp->bcgshp", B, d_end)
+  X_t = jnp.einsum("bcgshp->bcghps", X)                      # minor axis moved (2 of 2)
+  to_end_t = _minor_swap(to_end[..., 0])[..., None, :]      # (b, c, g, h, 1, s)
+  d_B = _minor_swap(jnp.einsum("bcgnhp,bcghps->bcgns", d_end, X_t * to_end_t))
+  d_X = d_X_to_end * to_end
+  d_to_end = _minor_swap(jnp.sum(d_X_to_end * X, axis=-1))  # (b, c, g, h, s)
+
+  # Through the outputs from the same chunk, with Lᵀ built directly.
+  decay_t = _decay(a, transposed=True)                       # (b, c, g, h, s, l)
+  scores_t = _minor_swap(scores)
+  d_mixer_t = jnp.einsum("bcghsp,bcghpl->bcghsl", jnp.einsum("bcgshp->bcghsp", X), d_y_t)
+  d_X = d_X + jnp.einsum("bcghsp->bcgshp", jnp.einsum(
+      "bcghsl,bcghlp->bcghsp", scores_t[:, :, :, None] * decay_t,
+      jnp.einsum("bcglhp->bcghlp", d_y)))
+  d_scores_t = jnp.sum(d_mixer_t * decay_t, axis=3)          # (b, c, g, s, l)
+  d_decay_t = (d_mixer_t * scores_t[:, :, :, None]).at[..., -1].add(d_to_end)
+  d_C = d_C + jnp.einsum("bcgls,bcgsn->bcgln", _minor_swap(d_scores_t), B)
+  d_B = d_B + jnp.einsum("bcgsl,bcgln->bcgsn", d_scores_t, C)
+
+  # Into a: through the segment sums (L = exp(segment sums)) and the cumulative sum.
+  d_a = jnp.einsum("...ji,ijk->...k", d_decay_t * decay_t, _window(decay_t.shape[-1]),
+                   precision=lax.Precision.HIGHEST)
+  d_a = d_a + lax.cumsum(d_a_cumsum, axis=d_a_cumsum.ndim - 1, reverse=True)
+  return d_X, d_a, d_B, d_C, d_state
+
+
+@jax.custom_vjp
+def _chunk_scan(X, a, B, C, state):
+  """`_chunk_scan_forward` without residuals, with the hand-written backward."""
+  return _chunk_scan_forward(X, a, B, C, state)[0]
+
+
+_chunk_scan.defvjp(_chunk_scan_forward, _chunk_scan_backward)
 
 
 def _chunked(x, a, dt, B, C, state, chunk_size):
@@ -134,41 +270,15 @@ def _chunked(x, a, dt, B, C, state, chunk_size):
     pad_time = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
     x, a, dt, B, C = map(pad_time, (x, a, dt, B, C))
   nchunks = x.shape[1] // q
-  # Chunk-major layouts so that every contraction below is a plain batched matmul.
-  xdt = jnp.einsum("bclghp->bcghlp", (x * dt[..., None]).reshape(
-      batch, nchunks, q, ngroups, heads, headdim))
-  a = jnp.einsum("bclgh->bcghl", a.reshape(batch, nchunks, q, ngroups, heads))
-  B = jnp.einsum("bclgn->bcgln", B.reshape(batch, nchunks, q, ngroups, d_state))
-  C = jnp.einsum("bclgn->bcgln", C.reshape(batch, nchunks, q, ngroups, d_state))
-  a_cumsum = jnp.cumsum(a, axis=-1)                     # (b, c, g, h, l): Σ_{k<=l} a_k
-  decay = jnp.exp(_segment_sums(a))                     # (b, c, g, h, l, s): L
-
-  # Outputs from inputs of the same chunk: (C Bᵀ ∘ L) X.
-  scores = jnp.einsum("bcgln,bcgsn->bcgls", C, B)
-  y = jnp.einsum("bcghls,bcghsp->bcghlp", scores[:, :, :, None] * decay, xdt)
-
-  # Each chunk's contribution to the state at its end: decay from step s to the chunk end.
-  chunk_states = jnp.einsum("bcghsp,bcgsn->bcghpn", xdt * decay[..., -1, :, None], B)
-
-  # State at each chunk end, carried across chunks; prev_states[:, c] enters chunk c.
-  chunk_decay = a_cumsum[..., -1]                       # (b, c, g, h)
+  chunk_major = lambda v, spec: jnp.einsum(spec, v.reshape((batch, nchunks, q) + v.shape[2:]))
+  X = chunk_major(x * dt[..., None], "bclghp->bcglhp")  # a bitcast for one group
+  a = chunk_major(a, "bclgh->bcghl")
+  B, C = chunk_major(B, "bclgn->bcgln"), chunk_major(C, "bclgn->bcgln")
   if state is not None:
-    chunk_states = chunk_states.at[:, 0].add(
-        jnp.exp(chunk_decay[:, 0])[..., None, None] * state)
-  _, end_states = lax.associative_scan(_combine, (chunk_decay, chunk_states), axis=1)
-
-  # Outputs from the state entering each chunk, decayed to each step. Without an initial state
-  # chunk 0 enters with zeros and is skipped (one chunk: no state term at all).
-  if state is None:
-    first, entering = 1, end_states[:, :-1]
-  else:
-    first, entering = 0, jnp.concatenate([state[:, None], end_states[:, :-1]], axis=1)
-  if nchunks > first:
-    y = y.at[:, first:].add(jnp.einsum("bcgln,bcghpn->bcghlp", C[:, first:], entering)
-                            * jnp.exp(a_cumsum[:, first:])[..., None])
-
-  y = jnp.einsum("bcghlp->bclghp", y).reshape(batch, nchunks * q, ngroups, heads, headdim)
-  return y[:, :seqlen], end_states[:, -1]
+    state = jnp.einsum("bghpn->bgnhp", state)
+  y, final = _chunk_scan(X, a, B, C, state)
+  y = jnp.einsum("bcglhp->bclghp", y).reshape(batch, nchunks * q, ngroups, heads, headdim)
+  return y[:, :seqlen], jnp.einsum("bgnhp->bghpn", final)
 
 
 def _sequences_per_block(batch, seqlen, chunk_size, state_size):
