@@ -137,17 +137,17 @@ def _decay(a, transposed=False):
   return jnp.exp(jnp.where(lower, sums, -jnp.inf))
 
 
-def _entering_states(state, end_states):
-  """States entering chunks `first`.. : (first, (b, c - first, g, n, h, p)). Without an initial
-  state chunk 0 enters with zeros and is skipped (first = 1)."""
+def _entering_states(state, end_states, nchunks):
+  """States entering chunks `first`.. : (first, (b, nchunks - first, g, n, h, p)). Without an
+  initial state chunk 0 enters with zeros and is skipped (first = 1)."""
   if state is None:
-    return 1, end_states[:, :-1]
-  return 0, jnp.concatenate([state[:, None], end_states[:, :-1]], axis=1)
+    return 1, end_states[:, :nchunks - 1]
+  return 0, jnp.concatenate([state[:, None], end_states[:, :nchunks - 1]], axis=1)
 
 
-def _skipped_chunks_as_zeros(first, v):
-  """Pads v (b, c - first, ...) with `first` zero chunks in front."""
-  return jnp.pad(v, [(0, 0), (first, 0)] + [(0, 0)] * (v.ndim - 2)) if first else v
+def _pad_chunks(v, front, back=0):
+  """Pads v (b, chunks, ...) with `front` and `back` zero chunks."""
+  return jnp.pad(v, [(0, 0), (front, back)] + [(0, 0)] * (v.ndim - 2)) if front or back else v
 
 
 def _minor_swap(v):
@@ -155,16 +155,19 @@ def _minor_swap(v):
   return jnp.swapaxes(v, -1, -2)
 
 
-def _chunk_scan_forward(X, a, B, C, state):
-  """The chunked SSD on chunk-major arrays. Returns (y, final_state) and the residuals of
+def _chunk_scan_forward(X, a, B, C, state, with_final):
+  """The chunked SSD on chunk-major arrays. Returns (y, final state or None) and the residuals of
   `_chunk_scan_backward`.
 
   X (b, c, g, l, h, p) = x·dt; a (b, c, g, h, l) = dt·A; B, C (b, c, g, l, n); state
   (b, g, n, h, p) or None. Every contraction is a batched matmul in XLA's canonical form
   [batch, m, k] x [batch, k, n] (operands permuted only in major axes), so XLA:CPU never
   transposes a big operand: states are laid out (n, h·p), and each state contraction is one
-  matmul per chunk over all heads, (n × l)·(l × h·p) or (l × n)·(n × h·p).
+  matmul per chunk over all heads, (n × l)·(l × h·p) or (l × n)·(n × h·p). The last chunk's end
+  state is computed only `with_final` (one-chunk sequences then need no states at all).
   """
+  nchunks = X.shape[1]
+  ends = nchunks if with_final else nchunks - 1        # end states needed
   a_cumsum = jnp.cumsum(a, axis=-1)                          # (b, c, g, h, l): Σ_{k<=l} a_k
   decay = _decay(a)                                          # (b, c, g, h, l, s): L
 
@@ -175,62 +178,79 @@ def _chunk_scan_forward(X, a, B, C, state):
   y = jnp.einsum("bcghlp->bcglhp", y)
 
   # Each chunk's contribution to the state at its end: decay from step s to the chunk end.
-  to_end = _minor_swap(decay[..., -1, :])[..., None]         # (b, c, g, s, h, 1)
-  chunk_states = jnp.einsum("bcgns,bcgshp->bcgnhp", _minor_swap(B), X * to_end)
+  to_end = _minor_swap(decay[:, :ends, ..., -1, :])[..., None]  # (b, ends, g, s, h, 1)
+  chunk_states = jnp.einsum("bcgns,bcgshp->bcgnhp", _minor_swap(B[:, :ends]),
+                            X[:, :ends] * to_end)
 
   # State at each chunk end, carried across chunks by an associative scan.
   log_decay = a_cumsum[..., -1][:, :, :, None, :, None]     # (b, c, g, 1, h, 1)
-  if state is not None:
+  if state is not None and ends:
     chunk_states = chunk_states.at[:, 0].add(jnp.exp(log_decay[:, 0]) * state)
-  _, end_states = lax.associative_scan(_combine, (log_decay, chunk_states), axis=1)
+  end_states = chunk_states
+  if ends:
+    _, end_states = lax.associative_scan(_combine, (log_decay[:, :ends], chunk_states), axis=1)
 
   # Outputs from the state entering each chunk, decayed to each step.
-  first, entering = _entering_states(state, end_states)
-  growth = jnp.exp(_minor_swap(a_cumsum))[..., None]        # (b, c, g, l, h, 1)
-  y_state = jnp.einsum("bcgln,bcgnhp->bcglhp", C[:, first:], entering) * growth[:, first:]
-  y = y + _skipped_chunks_as_zeros(first, y_state)
-  residuals = (X, a, B, C, state, a_cumsum, to_end, scores, end_states, y_state)
-  return (y, end_states[:, -1]), residuals
+  first, entering = _entering_states(state, end_states, nchunks)
+  if first < nchunks:
+    growth = jnp.exp(_minor_swap(a_cumsum[:, first:]))[..., None]  # (b, c, g, l, h, 1)
+    y = y + _pad_chunks(jnp.einsum("bcgln,bcgnhp->bcglhp", C[:, first:], entering) * growth,
+                        first)
+  residuals = (X, a, B, C, state, a_cumsum, to_end, scores, end_states)
+  return (y, end_states[:, -1] if with_final else None), residuals
 
 
-def _chunk_scan_backward(residuals, cotangents):
+def _chunk_scan_backward(with_final, residuals, cotangents):
   """Gradients of `_chunk_scan_forward` w.r.t. (X, a, B, C, state), written out (autodiff
   transposes each matmul's operands into non-canonical order, which XLA:CPU pays for with
-  element-by-element copies). Two big arrays change their minor axis: X and the gradient of
-  the state outputs."""
-  X, a, B, C, state, a_cumsum, to_end, scores, end_states, y_state = residuals
+  element-by-element copies). Two big arrays change their minor axis: X and the output
+  gradient."""
+  X, a, B, C, state, a_cumsum, to_end, scores, end_states = residuals
   d_y, d_final = cotangents
-  first, entering = _entering_states(state, end_states)
+  nchunks, ends = X.shape[1], end_states.shape[1]
+  first, entering = _entering_states(state, end_states, nchunks)
   log_decay = a_cumsum[..., -1][:, :, :, None, :, None]     # (b, c, g, 1, h, 1)
   growth = jnp.exp(a_cumsum)                                 # (b, c, g, h, l)
   d_y_t = jnp.einsum("bcglhp->bcghpl", d_y)                  # minor axis moved (1 of 2)
 
   # Through the outputs of the entering states.
-  d_y_state = d_y[:, first:] * _minor_swap(growth)[:, first:, ..., None]
-  d_entering = jnp.einsum("bcgnl,bcglhp->bcgnhp", _minor_swap(C[:, first:]), d_y_state)
-  d_C = _skipped_chunks_as_zeros(first, _minor_swap(jnp.einsum(
-      "bcgnhp,bcghpl->bcgnl", entering, d_y_t[:, first:] * growth[:, first:, :, :, None])))
-  d_a_cumsum = _minor_swap(_skipped_chunks_as_zeros(first, jnp.sum(d_y[:, first:] * y_state,
-                                                                   axis=-1)))
+  d_X, d_B, d_C = jnp.zeros_like(X), jnp.zeros_like(B), jnp.zeros_like(C)
+  d_a_cumsum, d_state = jnp.zeros_like(a_cumsum), None
+  if first < nchunks:
+    d_y_state = d_y[:, first:] * _minor_swap(growth[:, first:])[..., None]
+    d_entering = jnp.einsum("bcgnl,bcglhp->bcgnhp", _minor_swap(C[:, first:]), d_y_state)
+    d_C = _pad_chunks(_minor_swap(jnp.einsum(
+        "bcgnhp,bcghpl->bcgnl", entering, d_y_t[:, first:] * growth[:, first:, :, :, None])),
+                      first)
+    y_state = jnp.einsum("bcgln,bcgnhp->bcglhp", C[:, first:], entering)
+    d_a_cumsum = _pad_chunks(_minor_swap(jnp.sum(d_y_state * y_state, axis=-1)), first)
+    if state is not None:
+      d_state = d_entering[:, 0]
 
-  # Gradient reaching each end state, directly (it enters the next chunk or is the final state)
-  # and through the next end state: G_c = direct_c + exp(log_decay_{c+1})·G_{c+1}, a reverse
-  # associative scan.
-  direct = jnp.concatenate([d_entering[:, 1 - first:], d_final[:, None]], axis=1)
-  next_decay = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
-  _, d_end = lax.associative_scan(_combine, (next_decay, direct), axis=1, reverse=True)
-  d_log_decay = _skipped_chunks_as_zeros(first, jnp.sum(d_end[:, first:] * entering, axis=(3, 5)))
-  d_a_cumsum = d_a_cumsum.at[..., -1].add(d_log_decay * jnp.exp(a_cumsum[..., -1]))
-  d_state = (None if state is None
-             else d_entering[:, 0] + jnp.exp(log_decay[:, 0]) * d_end[:, 0])
+  if ends:
+    # Gradient reaching each end state, directly (it enters the next chunk or is the final
+    # state) and through the next end state: G_c = direct_c + exp(log_decay_{c+1})·G_{c+1}, a
+    # reverse associative scan.
+    direct = ([d_entering[:, 1 - first:]] if nchunks > 1 else []) + (
+        [d_final[:, None]] if with_final else [])
+    direct = jnp.concatenate(direct, axis=1)
+    next_decay = _pad_chunks(log_decay[:, 1:ends], 0, 1)
+    _, d_end = lax.associative_scan(_combine, (next_decay, direct), axis=1, reverse=True)
+    d_log_decay = _pad_chunks(jnp.sum(d_end[:, first:] * entering[:, :ends - first], axis=(3, 5)),
+                              first, nchunks - ends)
+    d_a_cumsum = d_a_cumsum.at[..., -1].add(d_log_decay * jnp.exp(a_cumsum[..., -1]))
+    if state is not None:
+      d_state = d_state + jnp.exp(log_decay[:, 0]) * d_end[:, 0]
 
-  # Through the chunk states (d_end is their gradient).
-  d_X_to_end = jnp.einsum("bcgsn,bcgnhp->bcgshp", B, d_end)
-  X_t = jnp.einsum("bcgshp->bcghps", X)                      # minor axis moved (2 of 2)
-  to_end_t = _minor_swap(to_end[..., 0])[..., None, :]      # (b, c, g, h, 1, s)
-  d_B = _minor_swap(jnp.einsum("bcgnhp,bcghps->bcgns", d_end, X_t * to_end_t))
-  d_X = d_X_to_end * to_end
-  d_to_end = _minor_swap(jnp.sum(d_X_to_end * X, axis=-1))  # (b, c, g, h, s)
+    # Through the chunk states (d_end is their gradient).
+    d_X_to_end = jnp.einsum("bcgsn,bcgnhp->bcgshp", B[:, :ends], d_end)
+    X_t = jnp.einsum("bcgshp->bcghps", X[:, :ends])         # minor axis moved (2 of 2)
+    to_end_t = _minor_swap(to_end[..., 0])[..., None, :]    # (b, ends, g, h, 1, s)
+    d_B = _pad_chunks(_minor_swap(jnp.einsum("bcgnhp,bcghps->bcgns", d_end, X_t * to_end_t)),
+                      0, nchunks - ends)
+    d_X = _pad_chunks(d_X_to_end * to_end, 0, nchunks - ends)
+    d_to_end = _pad_chunks(_minor_swap(jnp.sum(d_X_to_end * X[:, :ends], axis=-1)),
+                           0, nchunks - ends)               # (b, c, g, h, s)
 
   # Through the outputs from the same chunk, with Lᵀ built directly.
   decay_t = _decay(a, transposed=True)                       # (b, c, g, h, s, l)
@@ -240,7 +260,9 @@ def _chunk_scan_backward(residuals, cotangents):
       "bcghsl,bcghlp->bcghsp", scores_t[:, :, :, None] * decay_t,
       jnp.einsum("bcglhp->bcghlp", d_y)))
   d_scores_t = jnp.sum(d_mixer_t * decay_t, axis=3)          # (b, c, g, s, l)
-  d_decay_t = (d_mixer_t * scores_t[:, :, :, None]).at[..., -1].add(d_to_end)
+  d_decay_t = d_mixer_t * scores_t[:, :, :, None]
+  if ends:
+    d_decay_t = d_decay_t.at[..., -1].add(d_to_end)
   d_C = d_C + jnp.einsum("bcgls,bcgsn->bcgln", _minor_swap(d_scores_t), B)
   d_B = d_B + jnp.einsum("bcgsl,bcgln->bcgsn", d_scores_t, C)
 
@@ -251,17 +273,18 @@ def _chunk_scan_backward(residuals, cotangents):
   return d_X, d_a, d_B, d_C, d_state
 
 
-@jax.custom_vjp
-def _chunk_scan(X, a, B, C, state):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunk_scan(X, a, B, C, state, with_final):
   """`_chunk_scan_forward` without residuals, with the hand-written backward."""
-  return _chunk_scan_forward(X, a, B, C, state)[0]
+  return _chunk_scan_forward(X, a, B, C, state, with_final)[0]
 
 
 _chunk_scan.defvjp(_chunk_scan_forward, _chunk_scan_backward)
 
 
-def _chunked(x, a, dt, B, C, state, chunk_size):
-  """Chunked SSD. Shapes as in `_sequential`; seqlen is padded to a multiple of the chunk."""
+def _chunked(x, a, dt, B, C, state, chunk_size, with_final):
+  """Chunked SSD. Shapes as in `_sequential`, the final state None unless `with_final`; seqlen is
+  padded to a multiple of the chunk."""
   batch, seqlen, ngroups, heads, headdim = x.shape
   d_state = B.shape[-1]
   q = min(chunk_size, seqlen)
@@ -276,9 +299,9 @@ def _chunked(x, a, dt, B, C, state, chunk_size):
   B, C = chunk_major(B, "bclgn->bcgln"), chunk_major(C, "bclgn->bcgln")
   if state is not None:
     state = jnp.einsum("bghpn->bgnhp", state)
-  y, final = _chunk_scan(X, a, B, C, state)
+  y, final = _chunk_scan(X, a, B, C, state, with_final)
   y = jnp.einsum("bcglhp->bclghp", y).reshape(batch, nchunks * q, ngroups, heads, headdim)
-  return y[:, :seqlen], jnp.einsum("bgnhp->bghpn", final)
+  return y[:, :seqlen], None if final is None else jnp.einsum("bgnhp->bghpn", final)
 
 
 def _sequences_per_block(batch, seqlen, chunk_size, state_size):
@@ -355,14 +378,16 @@ def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial
   _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size)
   if D is None:
     D = jnp.zeros((x.shape[2],), jnp.float32)
-  y, final = _ssd_scan(x, dt, A, B, C, D, initial_state, method=method, chunk_size=chunk_size)
+  y, final = _ssd_scan(x, dt, A, B, C, D, initial_state, method=method, chunk_size=chunk_size,
+                       with_final=bool(return_final_state))
   return (y, final) if return_final_state else y
 
 
-@functools.partial(jax.jit, static_argnames=("method", "chunk_size"))
-def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size):
+@functools.partial(jax.jit, static_argnames=("method", "chunk_size", "with_final"))
+def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size, with_final):
   """`ssd_scan` on checked inputs with D filled in (one compilation with or without D);
-  initial_state may be None (zeros, whose terms are skipped). Returns (y, final_state)."""
+  initial_state may be None (zeros, whose terms are skipped). Returns (y, final_state), the
+  final state None unless `with_final`."""
   batch, seqlen, nheads, headdim = x.shape
   ngroups, d_state = B.shape[2:]
   heads = nheads // ngroups
@@ -379,9 +404,10 @@ def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size):
   elif method == "associative":
     y, final = _associative(xg, a, dtg, Bf, Cf, state)
   else:
-    chunked = functools.partial(_chunked, chunk_size=chunk_size)
+    chunked = functools.partial(_chunked, chunk_size=chunk_size, with_final=with_final)
     block = _sequences_per_block(batch, seqlen, chunk_size, nheads * headdim * d_state)
     y, final = _blockwise(chunked, block, xg, a, dtg, Bf, Cf, state)
 
   y = y.reshape(batch, seqlen, nheads, headdim) + D.astype(f32)[:, None] * x.astype(f32)
-  return y.astype(x.dtype), final.reshape(batch, nheads, headdim, d_state)
+  final = final.reshape(batch, nheads, headdim, d_state) if with_final else None
+  return y.astype(x.dtype), final
