@@ -71,7 +71,15 @@ def test_every_method_equals_float64_reference(seqlen, ngroups):
       assert_close(final, final_ref, 1e-5, what + " final state")
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_chunks_are_balanced_to_keep_padding_small():
+  assert ssd._chunk_length(101, 64) == 56   # 2 chunks, 11 padded steps instead of 27
+  assert ssd._chunk_length(801, 64) == 64   # 13 chunks either way
+  assert ssd._chunk_length(62, 64) == 62    # one chunk, no padding
+  assert ssd._chunk_length(37, 30) == 24    # 2 chunks of at most 30
+  assert ssd._chunk_length(1, 16) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 30, 64])
 def test_chunk_size_does_not_change_the_result(chunk_size):
   x, dt, A, B, C, D, state = make_inputs(37, 2, seed=1)
   y_ref, final_ref = reference(x, dt, A, B, C, D, state)
