@@ -153,7 +153,8 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
   columns = ["name", "seqlen", "sequences", "median_s", "min_s", "max_s", "median_s_62",
              "peak_gb_62", "compile_s", "skipped"]
   text = (common.format_table([r for r in rows if not r["sweep"]], columns)
-          + f"\n\nChunk-size sweep of \"chunked\" at {settings['sweep_seconds']:g} s:\n\n"
+          + f"\n\nChunk-size sweep of \"chunked\" at {settings['sweep_seconds']:g} s (Q = the "
+          "longest chunk; `ssd_scan` balances chunk lengths):\n\n"
           + common.format_table([r for r in rows if r["sweep"]], columns)
           + f"\n\nShape: seqlen = 1 + seconds·100 frames, {settings['heads']} heads × headdim "
           f"{settings['headdim']}, d_state {settings['d_state']}; {settings['sequences']} of the "

@@ -95,5 +95,6 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
   sweep_table = format_table(sweep, ["path", "chunk_size", "median_s", "min_s", "max_s"])
   text = (f"Methods {METHODS}; `full_s` = median scaled to the full batch; speed-up over "
           f"\"sequential\" at the same path and direction.\n\n{table}\n\n"
-          f"Chunk size, \"chunked\" fwd+bwd:\n\n{sweep_table}")
+          f"Chunk size (the longest chunk; `ssd_scan` balances chunk lengths), \"chunked\" "
+          f"fwd+bwd:\n\n{sweep_table}")
   return rows + sweep, text
