@@ -196,7 +196,7 @@ def _chunk_scan_forward(X, a, B, C, state, with_final):
     growth = jnp.exp(_minor_swap(a_cumsum[:, first:]))[..., None]  # (b, c, g, l, h, 1)
     y = y + _pad_chunks(jnp.einsum("bcgln,bcgnhp->bcglhp", C[:, first:], entering) * growth,
                         first)
-  residuals = (X, a, B, C, state, a_cumsum, to_end, scores, end_states)
+  residuals = (X, a, B, C, state, a_cumsum, to_end, scores, entering)
   return (y, end_states[:, -1] if with_final else None), residuals
 
 
@@ -205,10 +205,11 @@ def _chunk_scan_backward(with_final, residuals, cotangents):
   transposes each matmul's operands into non-canonical order, which XLA:CPU pays for with
   element-by-element copies). Two big arrays change their minor axis: X and the output
   gradient."""
-  X, a, B, C, state, a_cumsum, to_end, scores, end_states = residuals
+  X, a, B, C, state, a_cumsum, to_end, scores, entering = residuals
   d_y, d_final = cotangents
-  nchunks, ends = X.shape[1], end_states.shape[1]
-  first, entering = _entering_states(state, end_states, nchunks)
+  nchunks = X.shape[1]
+  ends = nchunks if with_final else nchunks - 1
+  first = nchunks - entering.shape[1]
   log_decay = a_cumsum[..., -1][:, :, :, None, :, None]     # (b, c, g, 1, h, 1)
   growth = jnp.exp(a_cumsum)                                 # (b, c, g, h, l)
   d_y_t = jnp.einsum("bcglhp->bcghpl", d_y)                  # minor axis moved (1 of 2)

@@ -95,14 +95,17 @@ def test_without_D_there_is_no_skip_term():
   assert_close(ssd_scan(*f32(x, dt, A, B, C)), y_ref, 1e-5, "D=None")
 
 
-def _objective(method, cotangents):
-  """Σ y·gy + Σ final·gs as a function of (x, dt, A, B, C, D, initial_state); y is the aux."""
+def _objective(method, cotangents, with_state=True, with_final=True):
+  """Σ y·gy + Σ final·gs as a function of (x, dt, A, B, C, D, initial_state); y is the aux.
+  Without state the scan starts from zeros (initial_state ignored); without final the Σ final·gs
+  term is left out and the final state is not asked for."""
   gy, gs = cotangents
 
   def objective(x, dt, A, B, C, D, state):
-    y, final = ssd_scan(x, dt, A, B, C, D, method=method, chunk_size=CHUNK,
-                        initial_state=state, return_final_state=True)
-    return jnp.sum(y * gy) + jnp.sum(final * gs), y
+    out = ssd_scan(x, dt, A, B, C, D, method=method, chunk_size=CHUNK,
+                   initial_state=state if with_state else None, return_final_state=with_final)
+    y, final = out if with_final else (out, None)
+    return jnp.sum(y * gy) + (jnp.sum(final * gs) if with_final else 0.0), y
   return objective
 
 
@@ -146,17 +149,13 @@ def test_hand_written_chunked_backward_equals_the_sequential_gradients(seqlen, n
   state (the last chunk's end state not computed), one and several chunks."""
   x, dt, A, B, C, D, state = make_inputs(seqlen, ngroups, seed=11)
   rng = np.random.default_rng(12)
-  gy, gs = f32(rng.normal(size=x.shape), rng.normal(size=state.shape))
-
-  def objective(method):
-    def value(x, dt, A, B, C, D, state):
-      out = ssd_scan(x, dt, A, B, C, D, method=method, chunk_size=CHUNK,
-                     initial_state=state if with_state else None, return_final_state=with_final)
-      return (jnp.sum(out[0] * gy) + jnp.sum(out[1] * gs)) if with_final else jnp.sum(out * gy)
-    return jax.grad(value, argnums=tuple(range(7)))(*f32(x, dt, A, B, C, D, state))
+  cotangents = f32(rng.normal(size=x.shape), rng.normal(size=state.shape))
+  grads = [jax.grad(_objective(method, cotangents, with_state, with_final),
+                    argnums=tuple(range(7)), has_aux=True)(*f32(x, dt, A, B, C, D, state))[0]
+           for method in ("chunked", "sequential")]
 
   names = "x dt A B C D initial_state".split()[:7 if with_state else 6]
-  for name, g, g_ref in zip(names, objective("chunked"), objective("sequential")):
+  for name, g, g_ref in zip(names, *grads):
     if np.all(np.asarray(g_ref) == 0):  # A without a state to decay: one step, no initial state
       assert np.all(np.asarray(g) == 0), f"d/d{name} should be zero"
     else:
