@@ -8,9 +8,9 @@ time path) and "associative" materialises all of them even forward, so these row
 many sequences as `state_budget_bytes` allows (8 GB, less where less memory is free) and their
 times are scaled linearly to the full batch (column `batch` gives the measured batch, `full_s`
 the scaled median). Scaling favours them, so the budget is as large as the machine allows: per
-sequence, "sequential" fwd+bwd on the time path took 0.28-0.34 s at 3 sequences (the old 2-GB
-budget) and 0.32-0.42 s at 12 (2-core VM, 2026-11-25, medians of three runs each), and its fwd
-7.5 ms at 12 and 19.5 ms at 62 sequences. "chunked" and "sequential" fwd always run the full batch.
+sequence, "sequential" fwd+bwd on the time path took 0.30 s at 3 sequences (the old 2-GB
+budget; two runs) and 0.32-0.43 s at 12, and its fwd 8 ms at 12 and 20-55 ms at all 62 (medians of separate
+runs, 2-core VM, 2026-11-25/26). "chunked" and "sequential" fwd always run the full batch.
 A chunk-size sweep of "chunked" fwd+bwd on `sweep_batch` time-path sequences closes the section.
 """
 from __future__ import annotations
@@ -62,23 +62,25 @@ def state_budget_bytes() -> float:
   return 1e9 * min(STATE_BUDGET_GB, memory_budget_gb(0.4))
 
 
-def _measured_batch(method: str, direction: str, batch: int, seqlen: int) -> int:
-  """Sequences to run: all of them unless their per-step states exceed `state_budget_bytes`."""
+def _measured_batch(method: str, direction: str, batch: int, seqlen: int,
+                    budget_bytes: float) -> int:
+  """Sequences to run: all of them unless their per-step states exceed `budget_bytes`."""
   state_bytes = seqlen * NHEADS * HEADDIM * D_STATE * 4 * STATES_PER_STEP[(method, direction)]
   if state_bytes == 0:
     return batch
-  return max(1, min(batch, int(state_budget_bytes() // state_bytes)))
+  return max(1, min(batch, int(budget_bytes // state_bytes)))
 
 
 def run(mode: str = "default") -> tuple[list[dict], str]:
   """Rows of every (path, direction, method) and of the chunk-size sweep, and their tables."""
   settings = SETTINGS[mode]
+  budget_bytes = state_budget_bytes()  # once, so that every row of the run shares it
   rows = []
   for path, batch, seqlen in settings["paths"]:
     for direction in ("fwd", "fwd+bwd"):
       group = []
       for method in ("sequential", "associative", "chunked"):
-        measured = _measured_batch(method, direction, batch, seqlen)
+        measured = _measured_batch(method, direction, batch, seqlen, budget_bytes)
         args = _inputs(measured, seqlen)
         step = _step(method, direction)
         row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=3,
