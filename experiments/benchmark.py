@@ -12,7 +12,8 @@ from absl import app, flags
 
 from experiments.benchmarks import report
 
-SECTIONS = ("scan", "scaling", "peers", "limit", "forward", "train", "separate", "data")
+SECTIONS = ("scan", "scaling", "peers", "limit", "forward", "train", "separate", "data",
+            "precision")
 
 _ONLY = flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, from {SECTIONS}.")
 _MODE = flags.DEFINE_enum("mode", "default", report.MODES,

@@ -154,3 +154,17 @@ def test_peers_smoke_section_agrees_and_reports_ratios():
   jax_rows = [r for r in rows if r["peer"] == "jax"]
   assert all(r["vs_torch_loop"] > 0 and r["vs_torch_chunked"] > 0 for r in jax_rows)
   assert "vs_torch_loop" in text
+
+
+def test_precision_section_measures_bf16_against_highest_fp32():
+  from experiments.benchmarks import precision
+  tree = dict(a=np.array([3.0, 0.0]), b=np.array([4.0]))
+  off = dict(a=np.array([3.0, 1.0]), b=np.array([4.0]))
+  assert precision.relative_error(off, tree) == pytest.approx(0.2)  # ‖(0, 1, 0)‖ / ‖(3, 0, 4)‖
+  assert not precision.all_finite(dict(a=np.array([1.0, np.nan])))
+  rows = {r["variant"]: r for r in precision.scan_rows(2, 40)}
+  assert rows["fp32 default"]["y_rel_err"] < 1e-5 and rows["fp32 default"]["finite"]
+  assert 1e-4 < rows["bf16"]["y_rel_err"] < 3e-2 and rows["bf16"]["grad_rel_err"] < 3e-2
+  model = {r["variant"]: r for r in precision.model_rows("tiny", 0.05)}
+  assert model["fp32 highest"]["finite"] and model["bf16"]["finite"]
+  assert 15 < model["bf16"]["sdr_db"] < 80 and model["bf16"]["grad_rel_err"] < 0.1
