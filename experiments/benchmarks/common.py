@@ -50,8 +50,15 @@ def matmul_gflops(n: int = 2048, repeats: int = 20) -> dict:
 
 
 def memory_budget_gb(fraction: float = 0.8, unknown_gb: float = 8.0) -> float:
-  """`fraction` of the memory the OS reports available now (Linux MemAvailable), in GB;
-  `unknown_gb` where the OS does not say."""
+  """`fraction` of the memory a computation can use now, in GB: on an accelerator its
+  allocator's limit less what is in use (`memory_stats`), on CPU what the OS reports available
+  (Linux MemAvailable); `unknown_gb` where neither says."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 1e9
+    return unknown_gb
   try:
     with open("/proc/meminfo") as f:
       for line in f:

@@ -187,7 +187,8 @@ def _write(report: dict, stem: str) -> None:
 def markdown(report: dict) -> str:
   """The whole report as markdown: header, targets, then every section (or its error)."""
   lines = [f"# Benchmark {report['date']} on {report['host']} ({report['machine']}, "
-           f"{report['cpu_count']} CPUs, jax {report['jax']}, {report['devices'][0]}), "
+           f"{report['cpu_count']} CPUs, jax {report['jax']}, {report['devices'][0]}"
+           + (f" {report['device_kind']}" if report.get("device_kind") else "") + "), "
            f"mode `{report['mode']}`" + ("" if report["complete"] else " (incomplete)"), "",
            f"XLA_FLAGS: `{report.get('xla_flags') or '(none)'}`, GLIBC_TUNABLES: "
            f"`{report.get('glibc_tunables') or '(none)'}`", "", "## Targets", "",
@@ -211,7 +212,7 @@ def build(sections: list[str], mode: str, output_dir: str, *, verbose: bool = Tr
   report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                 host=socket.gethostname(), machine=platform.processor() or platform.machine(),
                 cpu_count=os.cpu_count(), jax=jax.__version__,
-                devices=[str(d) for d in jax.devices()],
+                devices=[str(d) for d in jax.devices()], device_kind=jax.devices()[0].device_kind,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), mode=mode, sections={},
                 section_info={}, targets=targets({}), plots=[], complete=False)
