@@ -323,7 +323,9 @@ def infer_config(state_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
   try:
     return ModelConfig(**fields)
   except ValueError as e:
-    raise CheckpointError(f"the checkpoint's shapes give an invalid model: {e}") from None
+    hint = (" (a checkpoint does not store hop_length: pass it, e.g. `python -m "
+            "experiments.convert_torch --hop_length=...`)" if "hop_length" in str(e) else "")
+    raise CheckpointError(f"the checkpoint's shapes give an invalid model: {e}{hint}") from None
 
 
 # ------------------------------------------------------------------------------------ conversion

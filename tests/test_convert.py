@@ -45,11 +45,13 @@ def test_reader_rebuilds_strided_bfloat16(expected):
 
 
 def test_official_file_infers_config_and_matches_reference_forward(expected):
-  config, params = convert.load_torch_checkpoint(CKPT)
+  with pytest.raises(convert.CheckpointError,
+                     match=r"official_micro.ckpt: .*hop_length=441 with n_fft=256.*--hop_length"):
+    convert.load_torch_checkpoint(CKPT)  # the default hop does not fit its n_fft
+  config, params = convert.load_torch_checkpoint(CKPT, hop_length=64)
   assert (config.audio_channels, config.n_fft, config.dim, config.depth) == (2, 256, 8, 1)
   assert (config.d_state, config.expand, config.headdim, config.d_conv) == (4, 2, 8, 4)
   assert config.mask_hidden_mult == 4 and len(config.band_widths) == 23
-  config = ModelConfig.from_dict(dict(config.to_dict(), hop_length=64))
   sd = {k[len("sd/model."):]: v.astype(np.float64) for k, v in expected.items()
         if k.startswith("sd/model.")}
   audio = np.random.default_rng(1).uniform(-0.5, 0.5, (1, 2, 1000))
