@@ -364,6 +364,8 @@ class _Reader:
     self.path = path
     self._file = None
     self._data = None
+    if os.path.getsize(path) == 0:
+      raise InputError(f"{path}: empty file (0 bytes)")
     try:
       self._file = sf.SoundFile(path)
       self.sample_rate, self.channels = self._file.samplerate, self._file.channels
@@ -375,8 +377,9 @@ class _Reader:
           warnings.simplefilter("ignore")
           data, rate = librosa.load(path, sr=None, mono=False)
       except Exception as e:  # pylint: disable=broad-except
+        librosa_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise InputError(f"{path}: cannot read audio (soundfile: {sf_error}; librosa: "
-                         f"{type(e).__name__} {e})") from None
+                         f"{librosa_error})") from None
       self._data = np.atleast_2d(data).astype(np.float32)
       self.sample_rate, self.channels = int(rate), self._data.shape[0]
       self.frames = self._data.shape[1]

@@ -227,6 +227,8 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
   with open(bad["garbage"], "wb") as f:
     f.write(b"this is not audio" * 10)
   bad["empty"] = write(str(tmp_path / "in" / "empty.wav"), np.zeros((2, 0)), RATE)
+  bad["zero_bytes"] = str(tmp_path / "in" / "zero_bytes.flac")
+  open(bad["zero_bytes"], "wb").close()
   bad["short"] = write(str(tmp_path / "in" / "short.wav"), noise(2, 100), RATE)
   nan = noise(2, 20000)
   nan[1, 15000] = np.nan
@@ -237,7 +239,8 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
   errors = {r.path: r.error for r in results}
   assert errors.pop(good) is None
   assert os.path.exists(tmp_path / "out" / "good" / "vocals.wav")
-  expected = dict(garbage="cannot read audio", empty="empty", short="too short",
+  expected = dict(garbage="cannot read audio", empty="empty (no samples)",
+                  zero_bytes="empty file (0 bytes)", short="too short",
                   nan="non-finite sample (NaN or Inf) at frame 15000", surround="6 channels")
   for key, message in expected.items():
     assert message in errors[bad[key]] and bad[key] in errors[bad[key]]
