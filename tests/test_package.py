@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import THP_SETTING, huge_pages_environment
+from experiments import THP_SETTING, compilation_cache_dir, huge_pages_environment
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 SHOW = "import os, bsmamba2_jax; print(os.environ.get('XLA_FLAGS', ''))"
@@ -78,3 +78,17 @@ def test_a_launcher_really_runs_with_the_tunable(tmp_path):
   expected = huge_pages_environment(env, ["python", "-m", "experiments.benchmark"], thp,
                                     platform.libc_ver())
   assert recorded == ("" if expected is None else expected["GLIBC_TUNABLES"])
+
+
+@pytest.mark.parametrize("environ, argv, expected", [
+    ({"HOME": "/h"}, LAUNCH, "/h/.cache/bsmamba2_jax/xla"),
+    ({"HOME": "/h", "XDG_CACHE_HOME": "/c"}, LAUNCH, "/c/bsmamba2_jax/xla"),
+    ({"BSMAMBA2_COMPILATION_CACHE": "/mine"}, LAUNCH, "/mine"),
+    ({"BSMAMBA2_COMPILATION_CACHE": "0"}, LAUNCH, None),                    # opted out
+    ({"JAX_COMPILATION_CACHE_DIR": "/jax"}, LAUNCH, None),                  # JAX's own setting
+    ({}, ["python", "-m", "experiments.benchmark"], None),                  # times compiles
+    ({}, ["python", "-m", "pytest"], None),                                 # not a launcher
+    ({}, ["python", "-c", "pass"], None),
+])
+def test_launchers_keep_compiled_programs_where_asked(environ, argv, expected):
+  assert compilation_cache_dir(environ, argv) == expected

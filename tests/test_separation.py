@@ -343,8 +343,11 @@ def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
        f"--input={tmp_path / 'in'}", f"--output_dir={out_dir}", "--segment=0.1",
        "--overlap=0", "--bit_depth=32f", "--noprogress"],
       capture_output=True, text=True, timeout=300,
+      env={**os.environ, "BSMAMBA2_COMPILATION_CACHE": str(tmp_path / "xla"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 1, proc.stderr
+  assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "xla"))  # kept programs
   assert f"{bad}: cannot read audio" in proc.stdout + proc.stderr
   # --overlap=0: the official chunking of a direct model call on the zero-padded chunks.
   padded = np.pad(x, ((0, 0), (0, 2 * 4410 - 6000))).reshape(2, 2, 4410).transpose(1, 0, 2)
