@@ -5,6 +5,7 @@ the raw repeats go into the JSON report. Sections return rows (plain dicts) buil
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -30,12 +31,20 @@ def measure(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> list
   return times
 
 
+def progress(row: dict) -> dict:
+  """Prints `row`'s name and float fields on one stderr line as soon as it is measured, so a run
+  cut short (a timeout on a lent accelerator) still shows what it got; returns `row`."""
+  numbers = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+  print(f"  {row['name']}: {numbers}", file=sys.stderr, flush=True)
+  return row
+
+
 def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
           **fields: Any) -> dict:
   """One benchmark row: median/min/max seconds of `fn` plus descriptive `fields`."""
   times = measure(fn, repeats=repeats, warmup=warmup)
-  return dict(name=name, median_s=float(np.median(times)), min_s=float(np.min(times)),
-              max_s=float(np.max(times)), repeats=times, **fields)
+  return progress(dict(name=name, median_s=float(np.median(times)), min_s=float(np.min(times)),
+                       max_s=float(np.max(times)), repeats=times, **fields))
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 20) -> dict:

@@ -70,10 +70,10 @@ def scan_rows(batch: int, steps: int) -> list[dict]:
   for name, dtype, precision in VARIANTS:
     cast = [a.astype(dtype) for a in args]
     y, grads = _with_precision(value_and_grads, precision)(*cast)
-    rows.append(dict(name=f"ssd chunked {name}", check="ssd", variant=name,
-                     shape=f"{batch}x{steps}", y_rel_err=relative_error(y, ref_y),
-                     grad_rel_err=relative_error(grads, ref_grads),
-                     finite=all_finite((y, grads))))
+    rows.append(common.progress(dict(
+        name=f"ssd chunked {name}", check="ssd", variant=name, shape=f"{batch}x{steps}",
+        y_rel_err=relative_error(y, ref_y), grad_rel_err=relative_error(grads, ref_grads),
+        finite=all_finite((y, grads)))))
   return rows
 
 
@@ -104,12 +104,11 @@ def model_rows(preset: str, seconds: float) -> list[dict]:
   for name, dtype, precision in VARIANTS:
     loss, out, grads = run(jnp.dtype(dtype).name, precision)
     err = relative_error(out, ref_out)
-    rows.append(dict(name=f"{preset} {name}", check="model", variant=name,
-                     shape=f"{seconds:g} s", loss=loss, y_rel_err=err,
-                     sdr_db=float(-20 * np.log10(err)) if err > 0 else None,
-                     loss_rel_err=abs(loss - ref_loss) / abs(ref_loss),
-                     grad_rel_err=relative_error(grads, ref_grads),
-                     finite=all_finite((out, grads, loss))))
+    rows.append(common.progress(dict(
+        name=f"{preset} {name}", check="model", variant=name, shape=f"{seconds:g} s", loss=loss,
+        y_rel_err=err, sdr_db=float(-20 * np.log10(err)) if err > 0 else None,
+        loss_rel_err=abs(loss - ref_loss) / abs(ref_loss),
+        grad_rel_err=relative_error(grads, ref_grads), finite=all_finite((out, grads, loss)))))
   return rows
 
 
