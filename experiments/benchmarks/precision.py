@@ -57,7 +57,7 @@ def _with_precision(fn, precision: str):
 
 def scan_rows(batch: int, steps: int) -> list[dict]:
   """y and the gradients w.r.t. (x, dt, A, B, C, D) of the chunked scan, against fp32 highest."""
-  args = scan._inputs(batch, steps)  # pylint: disable=protected-access
+  args = scan.inputs(batch, steps)
 
   def value_and_grads(*a):
     y = ssd_scan(*a)

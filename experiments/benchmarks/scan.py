@@ -37,7 +37,7 @@ STATES_PER_STEP = {  # per-step full states held, per sequence, by method and di
 }
 
 
-def _inputs(batch: int, seqlen: int):
+def inputs(batch: int, seqlen: int):
   """Random scan inputs shaped like the Mamba2 mixer's (dt softplus'ed, A = -(1..16))."""
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   x = jax.random.normal(keys[0], (batch, seqlen, NHEADS, HEADDIM))
@@ -81,7 +81,7 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
       group = []
       for method in ("sequential", "associative", "chunked"):
         measured = _measured_batch(method, direction, batch, seqlen, budget_bytes)
-        args = _inputs(measured, seqlen)
+        args = inputs(measured, seqlen)
         step = _step(method, direction)
         row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=3,
                     path=f"{path} {batch}x{seqlen}", method=method, direction=direction,
@@ -96,7 +96,7 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
 
   sweep = []
   batch, seqlen = settings["sweep_batch"], settings["sweep_steps"]
-  args = _inputs(batch, seqlen)
+  args = inputs(batch, seqlen)
   for chunk_size in settings["sweep_chunks"]:
     step = _step("chunked", "fwd+bwd", chunk_size)
     sweep.append(timed(f"ssd chunked fwd+bwd Q={chunk_size}", lambda: step(*args), repeats=2,
