@@ -188,7 +188,8 @@ def markdown(report: dict) -> str:
   """The whole report as markdown: header, targets, then every section (or its error)."""
   lines = [f"# Benchmark {report['date']} on {report['host']} ({report['machine']}, "
            f"{report['cpu_count']} CPUs, jax {report['jax']}, {report['devices'][0]}"
-           + (f" {report['device_kind']}" if report.get("device_kind") else "") + "), "
+           + (f" {report['device_kind']}" if not report['devices'][0].startswith(
+               report.get("device_kind") or report['devices'][0]) else "") + "), "
            f"mode `{report['mode']}`" + ("" if report["complete"] else " (incomplete)"), "",
            f"XLA_FLAGS: `{report.get('xla_flags') or '(none)'}`, GLIBC_TUNABLES: "
            f"`{report.get('glibc_tunables') or '(none)'}`", "", "## Targets", "",
