@@ -97,10 +97,21 @@ def compilation_cache_dir(environ, orig_argv) -> str | None:
 
 
 def _use_compilation_cache():
+  """Points JAX at `compilation_cache_dir`, if it applies and the folder can be written."""
   cache = compilation_cache_dir(os.environ, getattr(sys, "orig_argv", []))
-  if cache is not None:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_compilation_cache_dir", cache)
+  if cache is None:
+    return
+  try:
+    os.makedirs(cache, exist_ok=True)
+    writable = os.access(cache, os.W_OK)
+  except OSError:
+    writable = False
+  if not writable:
+    print(f"compilation cache off: cannot write {cache} (set BSMAMBA2_COMPILATION_CACHE to "
+          "another folder, or 0)", file=sys.stderr)
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", cache)
 
 import bsmamba2_jax  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
 

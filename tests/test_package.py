@@ -92,3 +92,14 @@ def test_a_launcher_really_runs_with_the_tunable(tmp_path):
 ])
 def test_launchers_keep_compiled_programs_where_asked(environ, argv, expected):
   assert compilation_cache_dir(environ, argv) == expected
+
+
+def test_a_launcher_runs_on_without_a_writable_cache(tmp_path):
+  blocked = tmp_path / "file"
+  blocked.write_text("")  # a file where the folder should go
+  env = {**os.environ, "BSMAMBA2_COMPILATION_CACHE": str(blocked / "xla")}
+  proc = subprocess.run([sys.executable, "-m", "experiments.separate", "--helpshort"], env=env,
+                        capture_output=True, text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr
+  assert f"compilation cache off: cannot write {blocked / 'xla'}" in proc.stderr
