@@ -161,6 +161,8 @@ def test_precision_section_measures_bf16_against_highest_fp32():
   tree = dict(a=np.array([3.0, 0.0]), b=np.array([4.0]))
   off = dict(a=np.array([3.0, 1.0]), b=np.array([4.0]))
   assert precision.relative_error(off, tree) == pytest.approx(0.2)  # ‖(0, 1, 0)‖ / ‖(3, 0, 4)‖
+  assert precision.relative_error(np.zeros(2), np.zeros(2)) == 0.0
+  assert precision.relative_error(np.ones(2), np.zeros(2)) == float("inf")
   assert not precision.all_finite(dict(a=np.array([1.0, np.nan])))
   rows = {r["variant"]: r for r in precision.scan_rows(2, 40)}
   assert rows["fp32 default"]["y_rel_err"] < 1e-5 and rows["fp32 default"]["finite"]
