@@ -170,3 +170,22 @@ def test_precision_section_measures_bf16_against_highest_fp32():
   model = {r["variant"]: r for r in precision.model_rows("tiny", 0.05)}
   assert model["fp32 highest"]["finite"] and model["bf16"]["finite"]
   assert 15 < model["bf16"]["sdr_db"] < 80 and model["bf16"]["grad_rel_err"] < 0.1
+
+
+def test_memory_budget_reads_an_accelerators_allocator(monkeypatch):
+  from experiments.benchmarks import common
+
+  class Accelerator:
+    platform = "gpu"
+
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      return self.stats
+
+  monkeypatch.setattr(common.jax, "devices",
+                      lambda: [Accelerator(dict(bytes_limit=100e9, bytes_in_use=20e9))])
+  assert common.memory_budget_gb(0.5) == pytest.approx(40.0)  # half of the 80 GB still free
+  monkeypatch.setattr(common.jax, "devices", lambda: [Accelerator(None)])
+  assert common.memory_budget_gb(0.5, unknown_gb=3.0) == 3.0
