@@ -24,6 +24,15 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def _launcher(orig_argv) -> str | None:
+  """The module of `python -m experiments.<name>` in `orig_argv`, or None for anything else."""
+  try:
+    module = orig_argv[orig_argv.index("-m") + 1]
+  except (ValueError, IndexError):
+    return None
+  return module if module.startswith("experiments.") else None
+
+
 def huge_pages_environment(environ, orig_argv, thp_setting, libc):
   """The environment to restart a launcher with, or None to run on as is.
 
@@ -33,15 +42,11 @@ def huge_pages_environment(environ, orig_argv, thp_setting, libc):
     thp_setting: contents of THP_SETTING ("always [madvise] never"), "" if unreadable.
     libc: `platform.libc_ver()`, e.g. ("glibc", "2.36"); the tunable exists from glibc 2.35.
   """
-  if environ.get("BSMAMBA2_HUGE_PAGES", "1") == "0":
-    return None
-  try:
-    module = orig_argv[orig_argv.index("-m") + 1]
-  except (ValueError, IndexError):
+  if environ.get("BSMAMBA2_HUGE_PAGES", "1") == "0" or _launcher(orig_argv) is None:
     return None
   tunables = environ.get("GLIBC_TUNABLES", "")
   name, version = libc
-  if (not module.startswith("experiments.") or "glibc.malloc.hugetlb" in tunables
+  if ("glibc.malloc.hugetlb" in tunables
       or "[never]" in thp_setting or "[" not in thp_setting or name != "glibc"):
     return None
   try:
@@ -81,13 +86,10 @@ def compilation_cache_dir(environ, orig_argv) -> str | None:
   `python -m experiments.benchmark` and anything that is not a launcher get None. JAX keys every
   entry by the program, backend, flags and versions; delete the folder to reclaim its space.
   """
-  try:
-    module = orig_argv[orig_argv.index("-m") + 1]
-  except (ValueError, IndexError):
-    return None
+  module = _launcher(orig_argv)
   chosen = environ.get("BSMAMBA2_COMPILATION_CACHE", "")
-  if (not module.startswith("experiments.") or module.startswith("experiments.benchmark")
-      or chosen == "0" or environ.get("JAX_COMPILATION_CACHE_DIR")):
+  if (module is None or module.startswith("experiments.benchmark") or chosen == "0"
+      or environ.get("JAX_COMPILATION_CACHE_DIR")):
     return None
   if chosen:
     return chosen

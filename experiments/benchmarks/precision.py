@@ -62,9 +62,10 @@ def scan_rows(batch: int, steps: int) -> list[dict]:
   args = scan.inputs(batch, steps)
 
   def value_and_grads(*a):
-    y = ssd_scan(*a)
-    grads = jax.grad(lambda *b: jnp.sum(ssd_scan(*b).astype(jnp.float32) ** 2),
-                     argnums=tuple(range(6)))(*a)
+    def objective(*b):
+      y = ssd_scan(*b)
+      return jnp.sum(y.astype(jnp.float32) ** 2), y
+    (_, y), grads = jax.value_and_grad(objective, argnums=tuple(range(6)), has_aux=True)(*a)
     return y, grads
 
   ref_y, ref_grads = _with_precision(value_and_grads, "highest")(*args)
@@ -101,8 +102,9 @@ def model_rows(preset: str, seconds: float) -> list[dict]:
     return float(loss), np.asarray(estimate, np.float32), grads
 
   ref_loss, ref_out, ref_grads = run("float32", "highest")
-  rows = [dict(name=f"{preset} highest", check="model", variant="fp32 highest",
-               shape=f"{seconds:g} s", loss=ref_loss, finite=all_finite((ref_out, ref_grads)))]
+  rows = [common.progress(dict(name=f"{preset} highest", check="model", variant="fp32 highest",
+                               shape=f"{seconds:g} s", loss=ref_loss,
+                               finite=all_finite((ref_out, ref_grads))))]
   for name, dtype, precision in VARIANTS:
     loss, out, grads = run(jnp.dtype(dtype).name, precision)
     err = relative_error(out, ref_out)

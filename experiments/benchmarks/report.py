@@ -186,10 +186,11 @@ def _write(report: dict, stem: str) -> None:
 
 def markdown(report: dict) -> str:
   """The whole report as markdown: header, targets, then every section (or its error)."""
+  device, kind = report["devices"][0], report.get("device_kind")
+  if kind and not device.startswith(kind):  # "cuda:0 NVIDIA H200", but not "cpu:0 cpu"
+    device = f"{device} {kind}"
   lines = [f"# Benchmark {report['date']} on {report['host']} ({report['machine']}, "
-           f"{report['cpu_count']} CPUs, jax {report['jax']}, {report['devices'][0]}"
-           + (f" {report['device_kind']}" if not report['devices'][0].startswith(
-               report.get("device_kind") or report['devices'][0]) else "") + "), "
+           f"{report['cpu_count']} CPUs, jax {report['jax']}, {device}), "
            f"mode `{report['mode']}`" + ("" if report["complete"] else " (incomplete)"), "",
            f"XLA_FLAGS: `{report.get('xla_flags') or '(none)'}`, GLIBC_TUNABLES: "
            f"`{report.get('glibc_tunables') or '(none)'}`", "", "## Targets", "",
