@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2, reverse_valid
+from bsmamba2_jax.mamba2 import BiMamba2Block, Mamba2, broadcast_leading, reverse_valid
 from tests import official_reference as ref
 
 MIXER = dict(d_state=8, d_conv=4, expand=2, headdim=8, chunk_size=8)
@@ -107,3 +107,20 @@ def test_bf16_block_close_to_fp32_and_grads_finite():
   assert rel < 2e-2, rel
   grads = jax.grad(lambda p: jnp.sum(bf16.apply({"params": p}, x) ** 2))(params)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_broadcast_leading_gradient_sums_over_the_leading_axes(dtype):
+  rng = np.random.default_rng(7)
+  param = rng.standard_normal((3, 5))
+  cotangent = rng.standard_normal((4, 7, 3, 5))
+  y, vjp = jax.vjp(lambda p: broadcast_leading(p, (4, 7)), jnp.asarray(param, dtype))
+  np.testing.assert_array_equal(np.asarray(y, np.float64),
+                                np.broadcast_to(np.asarray(jnp.asarray(param, dtype), np.float64),
+                                                (4, 7, 3, 5)))
+  (grad,) = vjp(jnp.asarray(cotangent, dtype))
+  assert grad.dtype == dtype and grad.shape == (3, 5)
+  expected = np.sum(np.asarray(jnp.asarray(cotangent, dtype), np.float64), axis=(0, 1))
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=tolerance,
+                             atol=tolerance * np.abs(expected).max())
