@@ -30,6 +30,11 @@ SETTINGS = {  # per mode: paths (name, sequences, steps) and the chunk-size swee
     "full": dict(paths=(("time", 62, 801), ("band", 801, 62)),
                  sweep_chunks=(16, 32, 64, 128, 256), sweep_batch=62, sweep_steps=801),
 }
+# Methods are timed lightest first: a row timed right after "sequential" or "associative" freed
+# their gigabytes of per-step states ran slower ("chunked" fwd+bwd at 62 x 801: 2.05-2.37 s in
+# a fresh process, 2.05-3.6 s right after "sequential" fwd+bwd on 12 sequences, 2-core VM,
+# 2026-11-26), as the kernel then compacts memory to hand out huge pages again.
+MEASUREMENT_ORDER = ("chunked", "associative", "sequential")
 STATES_PER_STEP = {  # per-step full states held, per sequence, by method and direction
     ("sequential", "fwd"): 0, ("sequential", "fwd+bwd"): 1.5,
     ("associative", "fwd"): 3, ("associative", "fwd+bwd"): 8,
@@ -71,40 +76,60 @@ def _measured_batch(method: str, direction: str, batch: int, seqlen: int,
   return max(1, min(batch, int(budget_bytes // state_bytes)))
 
 
-def run(mode: str = "default") -> tuple[list[dict], str]:
-  """Rows of every (path, direction, method) and of the chunk-size sweep, and their tables."""
-  settings = SETTINGS[mode]
-  budget_bytes = state_budget_bytes()  # once, so that every row of the run shares it
+def _method_rows(method: str, settings: dict, budget_bytes: float) -> list[dict]:
+  """One method's rows, per path and direction (fwd, then fwd+bwd)."""
   rows = []
   for path, batch, seqlen in settings["paths"]:
     for direction in ("fwd", "fwd+bwd"):
-      group = []
-      for method in ("sequential", "associative", "chunked"):
-        measured = _measured_batch(method, direction, batch, seqlen, budget_bytes)
-        args = inputs(measured, seqlen)
-        step = _step(method, direction)
-        row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=3,
-                    path=f"{path} {batch}x{seqlen}", method=method, direction=direction,
-                    batch=measured, chunk_size=64 if method == "chunked" else None)
-        row["full_s"] = row["median_s"] * batch / measured
-        group.append(row)
-      for row in group:
-        row["speedup"] = group[0]["full_s"] / row["full_s"]
-      rows += group
-  table = format_table(rows, ["path", "method", "direction", "batch", "median_s", "min_s",
-                              "max_s", "full_s", "speedup"])
+      measured = _measured_batch(method, direction, batch, seqlen, budget_bytes)
+      args = inputs(measured, seqlen)
+      step = _step(method, direction)
+      row = timed(f"ssd {method} {direction} {path}", lambda: step(*args), repeats=3,
+                  path=f"{path} {batch}x{seqlen}", method=method, direction=direction,
+                  batch=measured, chunk_size=64 if method == "chunked" else None)
+      row["full_s"] = row["median_s"] * batch / measured
+      rows.append(row)
+  return rows
 
-  sweep = []
+
+def _sweep_rows(settings: dict) -> list[dict]:
+  """"chunked" fwd+bwd on `sweep_batch` time-path sequences per chunk size."""
   batch, seqlen = settings["sweep_batch"], settings["sweep_steps"]
   args = inputs(batch, seqlen)
+  rows = []
   for chunk_size in settings["sweep_chunks"]:
     step = _step("chunked", "fwd+bwd", chunk_size)
-    sweep.append(timed(f"ssd chunked fwd+bwd Q={chunk_size}", lambda: step(*args), repeats=2,
-                       path=f"time {batch}x{seqlen}", method="chunked", direction="fwd+bwd",
-                       batch=batch, chunk_size=chunk_size))
+    rows.append(timed(f"ssd chunked fwd+bwd Q={chunk_size}", lambda: step(*args), repeats=2,
+                      path=f"time {batch}x{seqlen}", method="chunked", direction="fwd+bwd",
+                      batch=batch, chunk_size=chunk_size))
+  return rows
+
+
+def run(mode: str = "default") -> tuple[list[dict], str]:
+  """Rows of every (path, direction, method) and of the chunk-size sweep, and their tables.
+
+  Measured lightest first (`MEASUREMENT_ORDER`, the sweep after "chunked"), tabled by path,
+  direction and `METHODS` reversed, with speed-ups over "sequential".
+  """
+  settings = SETTINGS[mode]
+  budget_bytes = state_budget_bytes()  # once, so that every row of the run shares it
+  by_method, sweep = {}, []
+  for method in MEASUREMENT_ORDER:
+    by_method[method] = _method_rows(method, settings, budget_bytes)
+    if method == "chunked":
+      sweep = _sweep_rows(settings)
+  rows = []
+  for index in range(len(by_method["sequential"])):
+    group = [by_method[method][index] for method in reversed(METHODS)]
+    for row in group:
+      row["speedup"] = group[0]["full_s"] / row["full_s"]
+    rows += group
+  table = format_table(rows, ["path", "method", "direction", "batch", "median_s", "min_s",
+                              "max_s", "full_s", "speedup"])
   sweep_table = format_table(sweep, ["path", "chunk_size", "median_s", "min_s", "max_s"])
-  text = (f"Methods {METHODS}; `full_s` = median scaled to the full batch; speed-up over "
-          f"\"sequential\" at the same path and direction.\n\n{table}\n\n"
+  text = (f"Methods {METHODS}, measured in the order {MEASUREMENT_ORDER}; `full_s` = median "
+          f"scaled to the full batch; speed-up over \"sequential\" at the same path and "
+          f"direction.\n\n{table}\n\n"
           f"Chunk size (the longest chunk; `ssd_scan` balances chunk lengths), \"chunked\" "
           f"fwd+bwd:\n\n{sweep_table}")
   return rows + sweep, text
