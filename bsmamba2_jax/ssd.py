@@ -411,15 +411,20 @@ def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size, with_fina
   state = (None if initial_state is None
            else initial_state.astype(f32).reshape(batch, ngroups, heads, headdim, d_state))
 
+  skip = D.astype(f32).reshape(ngroups, heads, 1)
   if method == "sequential":
     y, final = _sequential(xg, a, dtg, Bf, Cf, state)
+    y = y + skip * xg
   elif method == "associative":
     y, final = _associative(xg, a, dtg, Bf, Cf, state)
+    y = y + skip * xg
   else:
-    chunked = functools.partial(_chunked, chunk_size=chunk_size, with_final=with_final)
+    def chunked(x, a, dt, B, C, state):  # the D skip inside each block, where x is in cache
+      y, final = _chunked(x, a, dt, B, C, state, chunk_size=chunk_size, with_final=with_final)
+      return y + skip * x, final
     block = _sequences_per_block(batch, seqlen, chunk_size, nheads * headdim * d_state)
     y, final = _blockwise(chunked, block, xg, a, dtg, Bf, Cf, state)
 
-  y = y.reshape(batch, seqlen, nheads, headdim) + D.astype(f32)[:, None] * x.astype(f32)
+  y = y.reshape(batch, seqlen, nheads, headdim)
   final = final.reshape(batch, nheads, headdim, d_state) if with_final else None
   return y.astype(x.dtype), final
