@@ -135,8 +135,8 @@ class CausalDepthwiseConv(nn.Module):
     leading = x.shape[:-1]
     out = broadcast_leading(bias, leading).astype(self.dtype)
     for tap in range(self.width):
-      out = out + padded[:, tap:tap + length, :] * broadcast_leading(kernel[tap, 0], leading).astype(
-          self.dtype)
+      weight = broadcast_leading(kernel[tap, 0], leading).astype(self.dtype)
+      out = out + padded[:, tap:tap + length, :] * weight
     return out
 
 
