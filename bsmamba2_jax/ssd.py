@@ -412,18 +412,22 @@ def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size, with_fina
            else initial_state.astype(f32).reshape(batch, ngroups, heads, headdim, d_state))
 
   skip = D.astype(f32).reshape(ngroups, heads, 1)
-  if method == "sequential":
-    y, final = _sequential(xg, a, dtg, Bf, Cf, state)
-    y = y + skip * xg
-  elif method == "associative":
-    y, final = _associative(xg, a, dtg, Bf, Cf, state)
-    y = y + skip * xg
-  else:
-    def chunked(x, a, dt, B, C, state):  # the D skip inside each block, where x is in cache
-      y, final = _chunked(x, a, dt, B, C, state, chunk_size=chunk_size, with_final=with_final)
+
+  def with_skip(scan):
+    """`scan` plus the D skip; for "chunked" inside each block, where x is still in cache."""
+    def run(x, a, dt, B, C, state):
+      y, final = scan(x, a, dt, B, C, state)
       return y + skip * x, final
+    return run
+
+  if method == "sequential":
+    y, final = with_skip(_sequential)(xg, a, dtg, Bf, Cf, state)
+  elif method == "associative":
+    y, final = with_skip(_associative)(xg, a, dtg, Bf, Cf, state)
+  else:
+    chunked = functools.partial(_chunked, chunk_size=chunk_size, with_final=with_final)
     block = _sequences_per_block(batch, seqlen, chunk_size, nheads * headdim * d_state)
-    y, final = _blockwise(chunked, block, xg, a, dtg, Bf, Cf, state)
+    y, final = _blockwise(with_skip(chunked), block, xg, a, dtg, Bf, Cf, state)
 
   y = y.reshape(batch, seqlen, nheads, headdim)
   final = final.reshape(batch, nheads, headdim, d_state) if with_final else None
