@@ -15,10 +15,16 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from bsmamba2_jax.ssd import ssd_scan
 
 Dtype = Any
+
+# Names of the mixer's values that a rematerialised block keeps for its backward pass
+# (`model.REMAT_POLICY`): the scan output y (b, l, d_inner) and the mixer output (b, l, d_model).
+SCAN_OUTPUT = "mamba2_scan_output"
+MIXER_OUTPUT = "mamba2_mixer_output"
 
 
 def torch_uniform(fan_in: int) -> Callable:
@@ -185,10 +191,10 @@ class Mamba2(nn.Module):
         b_mat.reshape(batch, length, self.ngroups, self.d_state),
         c_mat.reshape(batch, length, self.ngroups, self.d_state),
         d_skip, method=self.scan_method, chunk_size=self.chunk_size)
-    y = y.reshape(batch, length, d_inner)
+    y = checkpoint_name(y.reshape(batch, length, d_inner), SCAN_OUTPUT)
     y = GatedRMSNorm(group_size=d_inner // self.ngroups, name="norm")(y, z)
-    return torch_dense(self.d_model, d_inner, use_bias=False, dtype=self.dtype,
-                       name="out_proj")(y)
+    out = torch_dense(self.d_model, d_inner, use_bias=False, dtype=self.dtype, name="out_proj")(y)
+    return checkpoint_name(out, MIXER_OUTPUT)
 
 
 class MambaBlock(nn.Module):

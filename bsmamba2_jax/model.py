@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bsmamba2_jax import audio
-from bsmamba2_jax.mamba2 import BiMamba2Block, torch_uniform
+from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT, BiMamba2Block, torch_uniform
 
 # Band widths of the official model for n_fft 2048 (1025 bins): 2×24, 4×12, 12×8, 24×8, 48×8, 128, 129.
 PAPER_BAND_WIDTHS: tuple[int, ...] = (
@@ -59,9 +59,10 @@ class ModelConfig:
   chunk_size: int = 64
   dtype: str = "float32"
   # Recompute each BiMamba2Block in the backward pass (jax.checkpoint) instead of storing its
-  # activations. jax 0.12 honours it (4 chained scans: 2.5 -> 0.85 GB of temporaries); XLA:CPU
-  # in jaxlib 0.10 keeps its plan regardless (1-s paper train step: 12.6 GB of temporaries
-  # with, 12.4 GB without). The paper 8-s train step with remat fits 24 GB on jax 0.12 (17.7 GB).
+  # activations, except what `REMAT_POLICY` keeps. jax 0.12 honours it (4 chained scans: 2.5 ->
+  # 0.85 GB of temporaries); XLA:CPU in jaxlib 0.10 keeps its plan regardless (1-s paper train
+  # step: 12.6 GB of temporaries with, 12.4 GB without). The paper 8-s train step with remat
+  # fits 24 GB on jax 0.12.
   remat: bool = False
 
   def __post_init__(self):
@@ -123,6 +124,13 @@ class ModelConfig:
                 headdim=self.headdim, ngroups=self.ngroups, scan_method=self.scan_method,
                 chunk_size=self.chunk_size, dtype=self.compute_dtype)
 
+
+# What a rematerialised BiMamba2Block keeps: each mixer's scan output and output, 5 KiB per token
+# and mixer in fp32. Without them the recomputation runs the scan forward (the time path's
+# blockwise scan then runs it a third time inside its own backward) and out_proj, which the merge
+# Dense's weight gradient needs. Paper 2-s train step, jax 0.12, 2-core VM: 30.6 -> 27.1 s
+# (medians over runs), temporaries 3.71 -> 4.47 GB.
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(SCAN_OUTPUT, MIXER_OUTPUT)
 
 PRESETS: dict[str, dict] = {
     "paper": {},
@@ -255,7 +263,8 @@ class DualPathLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (b, t, k, d) -> (b, t, k, d)."""
-    block = nn.remat(BiMamba2Block) if self.config.remat else BiMamba2Block
+    block = (nn.remat(BiMamba2Block, policy=REMAT_POLICY) if self.config.remat
+             else BiMamba2Block)
     b, t, k, d = x.shape
     mixer, dtype = self.config.mixer, self.config.compute_dtype
     along_time = x.transpose(0, 2, 1, 3).reshape(b * k, t, d)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from bsmamba2_jax import convert
+from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT
 from bsmamba2_jax.model import (PAPER_BAND_WIDTHS, BSMamba2, ModelConfig, default_band_widths,
                                 features_to_spectrum, init_params, spectrum_to_features)
 from tests import official_reference as ref
@@ -121,3 +122,27 @@ def test_paper_forward_one_second_stereo():
   audio = jax.random.uniform(jax.random.PRNGKey(1), (1, 2, 44100), minval=-.5, maxval=.5)
   out = jax.jit(BSMamba2(cfg).apply)({"params": params}, audio)
   assert out.shape == audio.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_remat_keeps_the_named_mixer_values_and_the_gradients(micro, capsys):
+  """remat=True recomputes each block but keeps every mixer's scan output and output
+  (`REMAT_POLICY`), and gives the gradients of the plain model."""
+  cfg, params = micro
+  if cfg.audio_channels == 1:
+    pytest.skip("one channel count suffices")
+  audio = jax.random.uniform(jax.random.PRNGKey(1), (1, 2, 8820), minval=-.5, maxval=.5)
+  weight = jax.random.normal(jax.random.PRNGKey(2), audio.shape)
+  remat = ModelConfig.from_dict(dict(cfg.to_dict(), remat=True))
+
+  def objective(config):
+    return lambda p: jnp.sum(BSMamba2(config).apply({"params": p}, audio) * weight)
+
+  jax.ad_checkpoint.print_saved_residuals(objective(remat), params)
+  saved = capsys.readouterr().out
+  mixers = 4 * cfg.depth  # two paths, two directions
+  assert saved.count(f"named '{SCAN_OUTPUT}'") == mixers
+  assert saved.count(f"named '{MIXER_OUTPUT}'") == mixers
+  plain = jax.jit(jax.grad(objective(cfg)))(params)
+  rematerialised = jax.jit(jax.grad(objective(remat)))(params)
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))))
