@@ -62,7 +62,7 @@ class ModelConfig:
   # activations, except what `REMAT_POLICY` keeps. jax 0.12 honours it (4 chained scans: 2.5 ->
   # 0.85 GB of temporaries); XLA:CPU in jaxlib 0.10 keeps its plan regardless (1-s paper train
   # step: 12.6 GB of temporaries with, 12.4 GB without). The paper 8-s train step with remat
-  # fits 24 GB on jax 0.12.
+  # fits 24 GB on jax 0.12 (18.8 GB, benchmarks/results/2026-11-26-vm-8).
   remat: bool = False
 
   def __post_init__(self):
