@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from bsmamba2_jax.ssd import METHODS, ssd_scan
+from experiments.benchmarks import scaling
 from experiments.benchmarks.common import format_table, memory_budget_gb, timed
 
 NHEADS, HEADDIM, D_STATE = 16, 64, 128
@@ -44,14 +45,10 @@ STATES_PER_STEP = {  # per-step full states held, per sequence, by method and di
 
 
 def inputs(batch: int, seqlen: int):
-  """Random scan inputs shaped like the Mamba2 mixer's (dt softplus'ed, A = -(1..16))."""
-  keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  x = jax.random.normal(keys[0], (batch, seqlen, NHEADS, HEADDIM))
-  dt = jax.nn.softplus(jax.random.normal(keys[1], (batch, seqlen, NHEADS)) - 3.0)
-  A = -jnp.arange(1.0, NHEADS + 1.0)
-  B = jax.random.normal(keys[2], (batch, seqlen, 1, D_STATE))
-  C = jax.random.normal(keys[3], (batch, seqlen, 1, D_STATE))
-  return x, dt, A, B, C, jnp.ones((NHEADS,))
+  """(x, dt, A, B, C, D) jnp arrays at the paper's head shapes, from `scaling.scan_inputs`
+  (dt in the Mamba2 init range, A = -U(1, 16))."""
+  arrays = scaling.scan_inputs(batch, seqlen, NHEADS, HEADDIM, D_STATE)[:6]
+  return tuple(jnp.asarray(a) for a in arrays)
 
 
 def _step(method: str, direction: str, chunk_size: int = 64):
