@@ -50,8 +50,9 @@ def frames(seconds: float) -> int:
 
 
 def scan_inputs(sequences: int, seqlen: int, heads: int, headdim: int, d_state: int,
-                seed: int = 0) -> tuple[np.ndarray, ...]:
-  """(x, dt, A, B, C, D, w) float32 NumPy arrays shaped as `ssd_scan` takes them, w like y.
+                seed: int = 0, *, weights: bool = True) -> tuple[np.ndarray, ...]:
+  """(x, dt, A, B, C, D, w) float32 NumPy arrays shaped as `ssd_scan` takes them, w like y
+  (the objective's weights; left out with weights=False).
 
   dt follows the Mamba2 init range exp(U(ln 1e-3, ln 0.1)) and A = -U(1, 16) (SPEC §3).
   """
@@ -59,9 +60,10 @@ def scan_inputs(sequences: int, seqlen: int, heads: int, headdim: int, d_state: 
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   dt = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), (sequences, seqlen, heads)))
   A = -rng.uniform(1.0, 16.0, heads)
-  return (normal(sequences, seqlen, heads, headdim), dt.astype(np.float32), A.astype(np.float32),
-          normal(sequences, seqlen, 1, d_state), normal(sequences, seqlen, 1, d_state),
-          np.ones(heads, np.float32), normal(sequences, seqlen, heads, headdim))
+  arrays = (normal(sequences, seqlen, heads, headdim), dt.astype(np.float32), A.astype(np.float32),
+            normal(sequences, seqlen, 1, d_state), normal(sequences, seqlen, 1, d_state),
+            np.ones(heads, np.float32))
+  return arrays + (normal(sequences, seqlen, heads, headdim),) if weights else arrays
 
 
 def scan_functions(method: str, chunk_size: int = 64) -> dict[str, Callable]:

@@ -47,7 +47,7 @@ STATES_PER_STEP = {  # per-step full states held, per sequence, by method and di
 def inputs(batch: int, seqlen: int):
   """(x, dt, A, B, C, D) jnp arrays at the paper's head shapes, from `scaling.scan_inputs`
   (dt in the Mamba2 init range, A = -U(1, 16))."""
-  arrays = scaling.scan_inputs(batch, seqlen, NHEADS, HEADDIM, D_STATE)[:6]
+  arrays = scaling.scan_inputs(batch, seqlen, NHEADS, HEADDIM, D_STATE, weights=False)
   return tuple(jnp.asarray(a) for a in arrays)
 
 
