@@ -47,13 +47,20 @@ def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
                        max_s=float(np.max(times)), repeats=times, **fields))
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 20) -> dict:
-  """Achieved fp32 GFLOP/s of a jitted n×n matmul: the machine's reference rate."""
+def matmul_gflops(n: int | None = None, repeats: int = 20) -> dict:
+  """Achieved fp32 GFLOP/s of a jitted n×n matmul: the machine's reference rate.
+
+  n None: 2048 on CPU, 8192 on an accelerator (a 2048² product takes 0.2 ms on an H200 and
+  reaches a quarter of the rate 8192² does there: `benchmarks/results/2026-11-26-h200-2.md`).
+  """
+  if n is None:
+    n = 2048 if jax.default_backend() == "cpu" else 8192
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(key_a, (n, n), jax.numpy.float32)
   b = jax.random.normal(key_b, (n, n), jax.numpy.float32)
   f = jax.jit(lambda a, b: a @ b)
   row = timed(f"matmul fp32 {n}x{n}", lambda: f(a, b), repeats=repeats, warmup=2)
+  row["n"] = n
   row["gflops"] = 2 * n**3 / row["median_s"] / 1e9
   return row
 

@@ -43,17 +43,18 @@ from experiments.benchmarks import common, scaling
 # Mode -> (preset, audio seconds, what, remat) cases and the caps of `scaling.timed_compiled`.
 # A train step's analytic count is 3 × forward (model FLOPs, not any recomputation); the
 # default mode runs the paper step without remat, which XLA:CPU of jaxlib 0.10 plans no smaller
-# (see ModelConfig.remat). memory_budget_gb None: 80 % of the memory available when the case runs.
+# (see ModelConfig.remat). memory_budget_gb None: 80 % of the memory available when the case runs;
+# matmul_n None: `common.matmul_gflops`'s size for the backend.
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": dict(cases=(("tiny", 0.1, "forward", False), ("tiny", 0.1, "train step", True)),
                   repeats=2, time_budget_s=1.0, memory_budget_gb=1.0, matmul_n=256),
     "default": dict(cases=(("tiny", 8, "forward", False), ("paper", 2, "forward", False),
                            ("paper", 1, "train step", False)),
-                    repeats=3, time_budget_s=10.0, memory_budget_gb=None, matmul_n=2048),
+                    repeats=3, time_budget_s=10.0, memory_budget_gb=None, matmul_n=None),
     "full": dict(cases=(("tiny", 8, "forward", False), ("tiny", 8, "train step", True),
                         ("small", 8, "forward", False), ("small", 8, "train step", True),
                         ("paper", 8, "forward", False), ("paper", 8, "train step", True)),
-                 repeats=3, time_budget_s=60.0, memory_budget_gb=48.0, matmul_n=2048),
+                 repeats=3, time_budget_s=60.0, memory_budget_gb=48.0, matmul_n=None),
 }
 
 
@@ -153,7 +154,7 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
   columns = ["name", "analytic_gflop", "xla_gflop", "median_s", "min_s", "max_s",
              "achieved_gflops", "of_matmul", "peak_gb", "compile_s", "skipped"]
   text = (common.format_table(rows[1:], columns)
-          + f"\n\nReference: jitted fp32 {settings['matmul_n']}² matmul "
+          + f"\n\nReference: jitted fp32 {reference['n']}² matmul "
           f"{reference['gflops']:.1f} GFLOP/s (median of {len(reference['repeats'])}), same run. "
           "Batch 1, fp32, random audio; train step = value_and_grad of the official loss + "
           "clip + AdamW (remat per the row name). analytic: the formula in "

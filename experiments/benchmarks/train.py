@@ -94,7 +94,7 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
   for name, batch, seconds, mono, repeats in CASES[mode]:
     rows.append(case_row(name, batch, seconds, mono, repeats, mode == "smoke",
                          reference["gflops"]))
-  text = (f"Reference: jitted fp32 2048² matmul {reference['gflops']:.1f} GFLOP/s. "
+  text = (f"Reference: jitted fp32 {reference['n']}² matmul {reference['gflops']:.1f} GFLOP/s. "
           "gflops = analytic (3 × forward) FLOPs / median step time; of_matmul = gflops / "
           "matmul rate; loss_share = loss value+grad time / step time.\n\n" + common.format_table(
               rows[1:], ["name", "batch", "seconds", "channels", "precision", "loss",
