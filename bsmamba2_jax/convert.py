@@ -132,6 +132,10 @@ def _load_any(path: str) -> Any:
     except Exception as e:  # truncated zip, bad pickle, unknown storage ...
       raise CheckpointError(f"{path}: corrupted or unsupported PyTorch checkpoint "
                             f"({type(e).__name__}: {e})") from None
+  with open(path, "rb") as f:
+    if f.read(1) != b"\x80":  # the PROTO opcode that starts a legacy torch.save pickle
+      raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
+                            "pickle)")
   try:
     import torch
   except ImportError:
@@ -139,6 +143,10 @@ def _load_any(path: str) -> Any:
                           "installed (pip install 'bsmamba2-jax[torch]')") from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError:  # torch's text goes on to suggest weights_only=False
+    raise CheckpointError(f"{path}: holds objects besides tensors and plain containers, or is "
+                          "corrupted; it is not loaded, since that would run code from the "
+                          "file") from None
   except Exception as e:
     raise CheckpointError(f"{path}: cannot be read by torch.load ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None

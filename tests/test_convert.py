@@ -120,16 +120,21 @@ def test_shape_inference_failure_is_named():
 
 def test_corrupted_and_foreign_files(tmp_path):
   garbage = tmp_path / "garbage.ckpt"
-  garbage.write_bytes(os.urandom(1000))
+  garbage.write_bytes(b"GARBAGE" + os.urandom(1000))
+  legacy_foreign = tmp_path / "legacy_foreign.ckpt"  # a plain pickle that is not tensors
+  legacy_foreign.write_bytes(b"\x80\x02cos\nsystem\nq\x00.")
   truncated = tmp_path / "truncated.ckpt"
   truncated.write_bytes(open(CKPT, "rb").read()[:300_000])
   foreign = tmp_path / "foreign.ckpt"
   with zipfile.ZipFile(foreign, "w") as z:
     z.writestr("readme.txt", "hello")
-  for path in (garbage, truncated, foreign, tmp_path / "absent.ckpt"):
+  for path in (garbage, legacy_foreign, truncated, foreign, tmp_path / "absent.ckpt"):
     with pytest.raises(convert.CheckpointError) as e:
       convert.read_torch_checkpoint(str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert "weights_only" not in str(e.value)  # never advice to run code from the file
+  with pytest.raises(convert.CheckpointError, match="not a PyTorch checkpoint"):
+    convert.read_torch_checkpoint(str(garbage))
 
 
 def test_reader_never_runs_code_from_the_file(tmp_path):
