@@ -23,6 +23,7 @@ import dataclasses
 import glob
 import logging
 import os
+import shutil
 import string
 import time
 import warnings
@@ -36,11 +37,14 @@ MODEL_RATE = 44100
 STEMS = ("vocals", "accompaniment")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
                     ".aifc", ".m4a")
-# Shortest accepted input: one STFT window (n_fft = 2048 samples) at 44.1 kHz.
-MIN_SECONDS = 2048 / MODEL_RATE
+# Longest accepted --segment: the model's memory grows with the chunk (it trained on 8 s).
+MAX_SEGMENT_SECONDS = 600.0
 SUBTYPES = {("wav", "16"): "PCM_16", ("wav", "24"): "PCM_24", ("wav", "32f"): "FLOAT",
             ("flac", "16"): "PCM_16", ("flac", "24"): "PCM_24"}
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
+# Output template fields: the input's name without extension, its extension, the name of its
+# folder, the stem and the output extension (the first two and the last two as in demucs).
+TEMPLATE_FIELDS = ("track", "trackext", "folder", "stem", "ext")
 
 ChunkFn = Callable[[np.ndarray], np.ndarray]
 
@@ -163,18 +167,21 @@ class Separator:
 
   `separate_batch` maps (batch_size, channels, segment_samples) float32 mixtures at
   `sample_rate` (44.1 kHz) to vocals of the same shape; it is always called with exactly that
-  shape (the last batch is zero-padded), so a jitted model compiles once.
+  shape (the last batch is zero-padded), so a jitted model compiles once. `shortest_segment`:
+  the shortest chunk in seconds it accepts (a model's: one STFT window).
   """
 
   def __init__(self, separate_batch: ChunkFn, *, sample_rate: int = MODEL_RATE,
                channels: int = 2, segment: float = 8.0, overlap: float = 0.25,
-               batch_size: int = 1):
+               batch_size: int = 1, shortest_segment: float = 0.0):
     if sample_rate != MODEL_RATE:
       raise ValueError(f"the model must run at {MODEL_RATE} Hz, got sample_rate={sample_rate}")
     if channels not in (1, 2):
       raise ValueError(f"the model must have 1 or 2 channels, got {channels}")
-    if not segment > 0:
-      raise ValueError(f"segment must be positive seconds, got {segment}")
+    if not (0 < segment <= MAX_SEGMENT_SECONDS and segment >= shortest_segment):
+      raise ValueError(f"segment must be positive seconds, at least {shortest_segment:.3f} "
+                       f"(one STFT window of the model) and at most {MAX_SEGMENT_SECONDS:g}, "
+                       f"got {segment}")
     if not 0 <= overlap < 1:
       raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap}")
     if batch_size < 1:
@@ -204,7 +211,8 @@ class Separator:
       return np.asarray(apply(params, jnp.asarray(chunks, jnp.float32)))
 
     return cls(separate_batch, sample_rate=config.sample_rate,
-               channels=config.audio_channels, **kwargs)
+               channels=config.audio_channels,
+               shortest_segment=config.n_fft / config.sample_rate, **kwargs)
 
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs) -> "Separator":
@@ -278,12 +286,22 @@ class Separator:
   def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
     """Separates `audio` (samples,) or (channels, samples) at `sample_rate`.
 
-    Returns {"vocals", "accompaniment"} float32 arrays of the input's shape and rate, with
-    accompaniment = mixture - vocals.
+    Float audio is taken as is (full scale ±1); integer PCM (int16, int32, or offset uint8 as
+    `scipy.io.wavfile` reads them) is scaled to ±1 as soundfile reads it. Returns {"vocals",
+    "accompaniment"} float32 arrays of the input's shape and rate, with accompaniment =
+    mixture - vocals.
     """
     audio = np.asarray(audio)
     if audio.ndim not in (1, 2):
       raise ValueError(f"audio must be (samples,) or (channels, samples), got {audio.shape}")
+    if np.issubdtype(audio.dtype, np.integer):
+      half_scale = 2.0 ** (np.iinfo(audio.dtype).bits - 1)
+      offset = half_scale if np.issubdtype(audio.dtype, np.unsignedinteger) else 0.0
+      audio = (audio - offset) / half_scale
+    elif not np.issubdtype(audio.dtype, np.floating):
+      raise ValueError(f"audio must be float or integer PCM samples, got dtype {audio.dtype}")
+    if not (np.isfinite(sample_rate) and sample_rate > 0 and sample_rate == int(sample_rate)):
+      raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate}")
     x = np.asarray(audio if audio.ndim == 2 else audio[None], np.float32)
     if x.shape[0] not in (1, 2):
       raise ValueError(f"audio has {x.shape[0]} channels; only mono and stereo are supported "
@@ -313,46 +331,74 @@ class FileResult:
   clipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def find_inputs(patterns: Sequence[str]) -> tuple[list[str], list[FileResult]]:
-  """Expands files, folders (recursively, audio extensions) and globs.
+def _is_within(path: str, folder: str) -> bool:
+  """Whether `path` lies in `folder` or below, links resolved."""
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return os.path.commonpath([path, folder]) == folder
 
-  Returns (sorted unique paths, failures for patterns that matched nothing).
+
+def find_inputs(patterns: Sequence[str],
+                exclude: str | None = None) -> tuple[list[str], list[FileResult]]:
+  """Expands files, folders (recursively) and globs (folders they match are searched too).
+
+  Files found in folders or by globs must have an audio extension and must not lie under
+  `exclude` (the output folder: a second run does not separate the first run's stems); a file
+  named directly is taken as it is. Returns (sorted paths, each file once however it was
+  spelled, and failures for patterns that matched nothing).
   """
+  def searched(path: str) -> list[str]:
+    if exclude is not None and _is_within(path, exclude):
+      return []
+    if os.path.isfile(path):
+      return [path] if path.lower().endswith(AUDIO_EXTENSIONS) else []
+    return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+            if name.lower().endswith(AUDIO_EXTENSIONS)
+            and not (exclude is not None and _is_within(os.path.join(root, name), exclude))]
+
   found, missing = [], []
   for pattern in patterns:
+    if os.path.isfile(pattern):
+      found.append(pattern)
+      continue
+    extensions = ", ".join(AUDIO_EXTENSIONS)
     if os.path.isdir(pattern):
-      matches = [os.path.join(root, name) for root, _, names in os.walk(pattern)
-                 for name in names if name.lower().endswith(AUDIO_EXTENSIONS)]
-      if not matches:
-        missing.append(FileResult(pattern, error=f"{pattern}: folder holds no audio files "
-                                                 f"({', '.join(AUDIO_EXTENSIONS)})"))
-    elif os.path.isfile(pattern):
-      matches = [pattern]
+      matches = searched(pattern)
+      besides = (" besides the output folder's" if exclude is not None
+                 and _is_within(exclude, pattern) else "")
+      problem = f"folder holds no audio files{besides} ({extensions})"
     else:
-      matches = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-      if not matches:
-        missing.append(FileResult(pattern, error=f"{pattern}: no such file, folder or match"))
+      hits = glob.glob(pattern, recursive=True)
+      matches = [p for match in hits for p in searched(match)]
+      problem = (f"matches no audio files ({extensions})" if hits
+                 else "no such file, folder or match")
+    if not matches:
+      missing.append(FileResult(pattern, error=f"{pattern}: {problem}"))
     found += matches
-  return sorted(set(os.path.normpath(p) for p in found)), missing
+  unique = {}
+  for path in sorted(os.path.normpath(p) for p in found):
+    unique.setdefault(os.path.realpath(path), path)
+  return sorted(unique.values()), missing
 
 
 def output_paths(input_path: str, output_dir: str, template: str, ext: str) -> dict[str, str]:
-  """The output file of each stem: `output_dir/template` with {track}, {stem}, {ext}."""
-  track = os.path.splitext(os.path.basename(input_path))[0]
-  return {stem: os.path.join(output_dir, template.format(track=track, stem=stem, ext=ext))
+  """The output file of each stem: `output_dir/template` with the `TEMPLATE_FIELDS`."""
+  track, trackext = os.path.splitext(os.path.basename(input_path))
+  folder = os.path.basename(os.path.dirname(os.path.abspath(input_path)))
+  return {stem: os.path.join(output_dir, template.format(
+      track=track, trackext=trackext.lstrip("."), folder=folder, stem=stem, ext=ext))
           for stem in STEMS}
 
 
 def check_template(template: str):
-  """Raises ValueError unless `template` uses only {track}, {stem}, {ext} and has {stem}."""
+  """Raises ValueError unless `template` uses only `TEMPLATE_FIELDS` and has {stem}."""
   try:
     fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
   except ValueError as e:
     raise ValueError(f"bad output template {template!r}: {e}") from None
-  unknown = fields - {"track", "stem", "ext"}
+  unknown = fields - set(TEMPLATE_FIELDS)
   if unknown:
     raise ValueError(f"output template {template!r} uses unknown field(s) {sorted(unknown)}; "
-                     "use {track}, {stem} and {ext}")
+                     f"use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
   if "stem" not in fields:
     raise ValueError(f"output template {template!r} must contain {{stem}} (one file per stem)")
 
@@ -389,11 +435,6 @@ class _Reader:
     if self.frames == 0:
       self.close()
       raise InputError(f"{path}: empty (no samples)")
-    if self.frames < MIN_SECONDS * self.sample_rate:
-      self.close()
-      raise InputError(f"{path}: too short ({self.frames} samples = "
-                       f"{1000 * self.frames / self.sample_rate:.1f} ms; at least "
-                       f"{1000 * MIN_SECONDS:.1f} ms needed)")
 
   def blocks(self, frames: int) -> Iterator[np.ndarray]:
     """Yields (channels, <= frames) float32 blocks."""
@@ -425,11 +466,25 @@ class _Writer:
       self._created.append(parent)
       parent = os.path.dirname(parent)
     os.makedirs(directory, exist_ok=True)
+    self._directory = directory
     self._tmp = os.path.join(directory, f".{name}.partial-{os.getpid()}")
     self._integer = bit_depth != "32f"
     self.clipped = 0
-    self._file = sf.SoundFile(self._tmp, "w", samplerate=sample_rate, channels=channels,
-                              format=fmt.upper(), subtype=SUBTYPES[fmt, bit_depth])
+    self._file = None
+    try:
+      self._file = sf.SoundFile(self._tmp, "w", samplerate=sample_rate, channels=channels,
+                                format=fmt.upper(), subtype=SUBTYPES[fmt, bit_depth])
+    except (RuntimeError, OSError) as e:
+      self._remove_folders()
+      raise self._error(e) from None
+
+  def _error(self, e: Exception) -> OSError:
+    """`e` (libsndfile says "System error." for a full disk) as an error naming the output."""
+    try:
+      free = f"; {shutil.disk_usage(self._directory).free / 1e6:.1f} MB free on its disk"
+    except OSError:
+      free = ""
+    return OSError(f"cannot write {self.path} ({e}{free})")
 
   def write(self, block: np.ndarray):
     """Writes (channels, n) samples; integer formats clip to [-1, 1] and count the clips."""
@@ -438,16 +493,29 @@ class _Writer:
       self.clipped += int(over.sum())
       if self.clipped:
         block = np.clip(block, -1.0, 1.0)
-    self._file.write(np.ascontiguousarray(block.T))
+    try:
+      self._file.write(np.ascontiguousarray(block.T))
+    except (RuntimeError, OSError) as e:
+      raise self._error(e) from None
 
   def commit(self):
-    self._file.close()
-    os.replace(self._tmp, self.path)
+    try:
+      self._file.close()
+      os.replace(self._tmp, self.path)
+    except (RuntimeError, OSError) as e:
+      raise self._error(e) from None
 
   def abort(self):
-    self._file.close()
+    if self._file is not None:
+      try:
+        self._file.close()
+      except (RuntimeError, OSError):  # the disk that failed the write may fail the flush
+        pass
     if os.path.exists(self._tmp):
       os.remove(self._tmp)
+    self._remove_folders()
+
+  def _remove_folders(self):
     for folder in self._created:
       try:
         os.rmdir(folder)
@@ -520,26 +588,33 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
       raise ValueError("give a checkpoint (Orbax directory or PyTorch .ckpt) or a separator")
     separator = Separator.from_checkpoint(checkpoint, segment=segment, overlap=overlap,
                                           batch_size=batch_size)
-  paths, results = find_inputs(inputs)
+  paths, results = find_inputs(inputs, exclude=output_dir)
   for result in results:
     logging.error("%s", result.error)
-  claimed = {}
+  sources = {os.path.realpath(p): p for p in paths}
+  claimed = {}  # output path -> the input that writes it in this run
   for path in paths:
     outputs = output_paths(path, output_dir, template, fmt)
     clash = [p for p in outputs.values() if p in claimed]
+    is_input = [p for p in outputs.values() if os.path.realpath(p) in sources]
     existing = [p for p in outputs.values() if os.path.exists(p)]
     if clash:
       result = FileResult(path, error=f"{path}: output {clash[0]} is already written by "
-                                      f"{claimed[clash[0]]} in this run; use {{track}} in a "
-                                      "template that tells them apart")
+                                      f"{claimed[clash[0]]} in this run; tell them apart with "
+                                      "{folder} or {trackext} in --template, e.g. "
+                                      "'{folder}/{track}/{stem}.{ext}'")
+    elif is_input:
+      result = FileResult(path, error=f"{path}: output {is_input[0]} is an input of this run "
+                                      f"({sources[os.path.realpath(is_input[0])]}); choose "
+                                      "another --output_dir or --template")
     elif existing and not overwrite:
       result = FileResult(path, error=f"{path}: output {existing[0]} exists; pass --overwrite "
                                       "to replace it")
     else:
-      claimed.update({p: path for p in outputs.values()})
       try:
         result = separate_file(separator, path, outputs, fmt=fmt, bit_depth=bit_depth,
                                progress=progress)
+        claimed.update({p: path for p in outputs.values()})
       except InputError as e:
         result = FileResult(path, error=str(e))
     if result.error:

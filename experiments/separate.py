@@ -9,6 +9,7 @@ Bad inputs are reported and skipped; the exit status is non-zero if any input fa
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -21,7 +22,8 @@ _CHECKPOINT = flags.DEFINE_string(
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "separated", "Where the stems are written.")
 _TEMPLATE = flags.DEFINE_string(
     "template", separation.DEFAULT_TEMPLATE,
-    "Output path under --output_dir; fields {track} (input name), {stem}, {ext}.")
+    "Output path under --output_dir; fields {track} (input name), {trackext} (its extension), "
+    "{folder} (its folder's name), {stem}, {ext}.")
 _FORMAT = flags.DEFINE_enum("format", "wav", ["wav", "flac"], "Output file format.")
 _BIT_DEPTH = flags.DEFINE_enum("bit_depth", "24", ["16", "24", "32f"],
                                "Output sample format (32f: float, WAV only).")
@@ -35,10 +37,17 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per file.")
 flags.mark_flags_as_required(["input", "checkpoint"])
 
 
+def _interrupt(signum, frame):
+  """SIGTERM handled as Ctrl-C, so the file being written is cleaned up the same way."""
+  del frame
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass files with --input")
   logging.set_verbosity(logging.INFO)
+  signal.signal(signal.SIGTERM, _interrupt)
   try:
     results = separation.separate_files(
         _INPUT.value, checkpoint=_CHECKPOINT.value, output_dir=_OUTPUT_DIR.value,
@@ -48,6 +57,10 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     sys.exit(2)
+  except KeyboardInterrupt as e:
+    logging.error("interrupted (%s): the file in progress was not written and its partial "
+                  "outputs were removed; finished files are kept", str(e) or "Ctrl-C")
+    sys.exit(130)
   failed = [r for r in results if r.error]
   print(f"separated {len(results) - len(failed)} of {len(results)} input(s)"
         + (f"; {len(failed)} failed:" if failed else ""))

@@ -154,7 +154,28 @@ def test_separate_rejects_bad_arrays(audio, message):
     Separator(Recorder()).separate(audio, RATE)
 
 
+@pytest.mark.parametrize("rate", [44100.5, 0, float("nan")])
+def test_separate_rejects_bad_rates(rate):
+  with pytest.raises(ValueError, match="positive whole number of Hz"):
+    Separator(Recorder()).separate(noise(2, 1000), rate)
+
+
+def test_separate_scales_integer_pcm_and_refuses_other_types():
+  x = np.clip(noise(2, 5000, scale=0.1), -0.99, 0.99)
+  sep = Separator(Recorder(), segment=0.1, overlap=0.0)
+  pcm16 = np.round(x * 32768).astype(np.int16)
+  pcm8 = (np.round(x * 128) + 128).astype(np.uint8)  # 8-bit WAV is offset binary
+  for pcm, step in ((pcm16, 2.0**-15), (pcm8, 2.0**-7)):
+    out = sep.separate(pcm, RATE)
+    assert out["vocals"].dtype == np.float32
+    np.testing.assert_allclose(out["vocals"], x, atol=step)
+  with pytest.raises(ValueError, match="float or integer PCM"):
+    sep.separate(x.astype(np.complex64), RATE)
+
+
 @pytest.mark.parametrize("kwargs", [dict(overlap=1.0), dict(overlap=-0.1), dict(segment=0.0),
+                                    dict(segment=float("inf")), dict(segment=float("nan")),
+                                    dict(segment=0.01, shortest_segment=0.05),
                                     dict(batch_size=0), dict(channels=3)])
 def test_separator_rejects_bad_settings(kwargs):
   with pytest.raises(ValueError):
@@ -229,7 +250,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
   bad["empty"] = write(str(tmp_path / "in" / "empty.wav"), np.zeros((2, 0)), RATE)
   bad["zero_bytes"] = str(tmp_path / "in" / "zero_bytes.flac")
   open(bad["zero_bytes"], "wb").close()
-  bad["short"] = write(str(tmp_path / "in" / "short.wav"), noise(2, 100), RATE)
+  short = write(str(tmp_path / "in" / "short.wav"), noise(2, 100), RATE)  # under one STFT
   nan = noise(2, 20000)
   nan[1, 15000] = np.nan
   bad["nan"] = write(str(tmp_path / "in" / "nan.wav"), nan, RATE)
@@ -237,10 +258,11 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
   missing = str(tmp_path / "nothing*.wav")
   results = run_files(tmp_path, [str(tmp_path / "in"), missing])
   errors = {r.path: r.error for r in results}
-  assert errors.pop(good) is None
+  assert errors.pop(good) is None and errors.pop(short) is None
   assert os.path.exists(tmp_path / "out" / "good" / "vocals.wav")
+  assert sf.info(str(tmp_path / "out" / "short" / "vocals.wav")).frames == 100
   expected = dict(garbage="cannot read audio", empty="empty (no samples)",
-                  zero_bytes="empty file (0 bytes)", short="too short",
+                  zero_bytes="empty file (0 bytes)",
                   nan="non-finite sample (NaN or Inf) at frame 15000", surround="6 channels")
   for key, message in expected.items():
     assert message in errors[bad[key]] and bad[key] in errors[bad[key]]
@@ -258,6 +280,103 @@ def test_existing_outputs_need_overwrite(tmp_path):
   assert "exists; pass --overwrite" in result.error and out.read_bytes() == b"keep me"
   [result] = run_files(tmp_path, [path], overwrite=True)
   assert result.error is None and sf.info(str(out)).frames == 9000
+
+
+def test_an_input_is_never_an_output(tmp_path):
+  # The song sits where its own vocals would go: refused even with overwrite.
+  path = write(str(tmp_path / "out" / "vocals" / "vocals.wav"), noise(2, 9000), RATE)
+  before = open(path, "rb").read()
+  [result] = run_files(tmp_path, [path], overwrite=True)
+  assert "is an input of this run" in result.error and open(path, "rb").read() == before
+  assert not os.path.exists(tmp_path / "out" / "vocals" / "accompaniment.wav")
+
+
+def test_second_run_skips_the_output_folder(tmp_path):
+  write(str(tmp_path / "music" / "song.wav"), noise(2, 9000), RATE)
+  out = str(tmp_path / "music" / "separated")
+  separator = Separator(Recorder(), segment=0.2)
+  [first] = separation.separate_files([str(tmp_path / "music")], separator=separator,
+                                      output_dir=out, progress=False)
+  assert first.error is None
+  results = separation.separate_files([str(tmp_path / "music"), str(tmp_path / "music" / "*")],
+                                      separator=separator, output_dir=out, progress=False)
+  assert [r.path for r in results] == [str(tmp_path / "music" / "song.wav")]
+  assert "exists; pass --overwrite" in results[0].error
+  assert sorted(os.listdir(out)) == ["song"]
+
+
+def test_same_names_clash_until_the_template_tells_them_apart(tmp_path):
+  a = write(str(tmp_path / "a" / "song.wav"), noise(2, 9000, seed=1), RATE)
+  b = write(str(tmp_path / "b" / "song.flac"), noise(2, 9000, seed=2), RATE, subtype="PCM_24")
+  first, second = run_files(tmp_path, [a, b])
+  assert first.error is None and "{folder} or {trackext} in --template" in second.error
+  results = run_files(tmp_path, [a, b], template="{folder}/{track}.{trackext}/{stem}.{ext}")
+  assert [r.error for r in results] == [None, None]
+  assert results[1].outputs["vocals"] == str(tmp_path / "out" / "b" / "song.flac" / "vocals.wav")
+
+
+def test_a_failed_input_does_not_claim_its_outputs(tmp_path):
+  bad = str(tmp_path / "a" / "song.wav")
+  os.makedirs(os.path.dirname(bad))
+  with open(bad, "wb") as f:
+    f.write(b"not audio")
+  good = write(str(tmp_path / "b" / "song.wav"), noise(2, 9000), RATE)
+  errors = {r.path: r.error for r in run_files(tmp_path, [str(tmp_path)])}
+  assert "cannot read audio" in errors[bad] and errors[good] is None
+
+
+def test_inputs_are_found_once_and_globs_search_folders(tmp_path):
+  path = write(str(tmp_path / "in" / "one" / "song.wav"), noise(2, 9000), RATE)
+  write(str(tmp_path / "in" / "two" / "other.flac"), noise(2, 9000), RATE, subtype="PCM_16")
+  open(tmp_path / "in" / "cover.jpg", "w").close()
+  spelled = os.path.join(str(tmp_path), "in", "one", "..", "one", "song.wav")
+  os.symlink(path, tmp_path / "link.wav")
+  paths, missing = separation.find_inputs(
+      [path, spelled, str(tmp_path / "link.wav"), str(tmp_path / "in" / "*")])
+  assert sorted(os.path.basename(p) for p in paths) == ["other.flac", "song.wav"] and not missing
+  _, [failure] = separation.find_inputs([str(tmp_path / "in" / "*.jpg")])
+  assert "matches no audio files" in failure.error
+
+
+def test_write_errors_name_the_output(tmp_path, monkeypatch):
+  path = write(str(tmp_path / "song.wav"), noise(2, 9000), RATE)
+
+  def full_disk(self, data):
+    raise RuntimeError("System error.")
+  monkeypatch.setattr(sf.SoundFile, "write", full_disk)
+  [result] = run_files(tmp_path, [path])
+  vocals = str(tmp_path / "out" / "song" / "vocals.wav")
+  assert f"cannot write {vocals} (System error.; " in result.error and "MB free" in result.error
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_cleans_up_on_sigterm(tmp_path):
+  import subprocess
+  import sys
+
+  path = write(str(tmp_path / "song.wav"), noise(2, 40000), RATE)
+  child = f"""
+import os, signal, sys
+from bsmamba2_jax import separation
+from experiments import separate
+calls = []
+def terminated_on_second_call(chunks):
+  calls.append(1)
+  if len(calls) == 2:
+    os.kill(os.getpid(), signal.SIGTERM)
+  return chunks
+separation.Separator.from_checkpoint = classmethod(
+    lambda cls, path, **kw: cls(terminated_on_second_call, **kw))
+sys.argv = ["separate", "--checkpoint=unused", "--input={path}", "--output_dir={tmp_path}/out",
+            "--segment=0.1", "--overlap=0", "--noprogress"]
+separate.run()
+"""
+  proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                        timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert "interrupted (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
+  assert not [f for _, _, files in os.walk(tmp_path / "out") for f in files]
 
 
 def test_interrupted_run_leaves_no_file(tmp_path):
@@ -323,6 +442,14 @@ def test_model_with_all_ones_mask_reproduces_input(rate, channels, overlap):
   np.testing.assert_allclose(out, ident.separate(x, rate)["vocals"], atol=2e-5)
   if rate == RATE:
     np.testing.assert_allclose(out, x, atol=2e-5)
+
+
+def test_model_segment_must_hold_one_stft_window(tiny_model):
+  model, params = tiny_model
+  shortest = model.config.n_fft / model.config.sample_rate
+  with pytest.raises(ValueError, match=f"at least {shortest:.3f} \\(one STFT window"):
+    Separator.from_model(model, params, segment=0.5 * shortest)
+  Separator.from_model(model, params, segment=shortest)
 
 
 def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
