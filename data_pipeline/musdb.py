@@ -44,7 +44,7 @@ class MusdbError(ValueError):
 
 class Track:
   """One song folder. Checks on construction that all five stems exist, are readable, share
-  length and channel count and are sampled at 44.1 kHz.
+  length and channel count (mono or stereo, not empty) and are sampled at 44.1 kHz.
 
   Attributes: name (folder name), path, num_samples, sample_rate, num_channels.
   """
@@ -59,7 +59,7 @@ class Track:
         raise MusdbError(f"{file}: missing stem '{stem}' of track '{self.name}' (a MUSDB18-HQ "
                          f"track needs {', '.join(s + '.wav' for s in STEMS)})")
       try:
-        infos[stem] = sf.info(file)
+        infos[stem] = sf.info(os.fsencode(file))  # bytes: names that are not UTF-8 open too
       except (sf.SoundFileError, RuntimeError) as e:
         raise MusdbError(f"{file}: unreadable audio file ({e})") from None
       if infos[stem].samplerate != SAMPLE_RATE:
@@ -73,6 +73,11 @@ class Track:
       raise MusdbError(f"{path}: stems with different channel counts {channels}")
     self.num_samples = lengths["mixture"]
     self.num_channels = channels["mixture"]
+    if self.num_channels not in (1, 2):
+      raise MusdbError(f"{path}: stems with {self.num_channels} channels; MUSDB18-HQ stems are "
+                       "mono or stereo")
+    if self.num_samples == 0:
+      raise MusdbError(f"{path}: empty stems (0 samples)")
     self.sample_rate = SAMPLE_RATE
 
   def __repr__(self) -> str:
@@ -90,8 +95,8 @@ class Track:
       raise ValueError(f"{self.file(stem)}: segment [{start}, {start + length}) outside the "
                        f"track's {self.num_samples} samples")
     try:
-      data, _ = sf.read(self.file(stem), frames=length, start=start, dtype="float32",
-                        always_2d=True)
+      data, _ = sf.read(os.fsencode(self.file(stem)), frames=length, start=start,
+                        dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError) as e:
       raise MusdbError(f"{self.file(stem)}: unreadable audio file ({e})") from None
     if data.shape[0] != length:

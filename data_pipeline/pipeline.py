@@ -32,10 +32,16 @@ def _segment_samples(segment_seconds: float) -> int:
 
 
 class TrainIterator:
-  """Iterator of training batches; `step` is the step of the batch `next` returns."""
+  """Iterator of training batches; `step` is the step of the batch `next` returns.
 
-  def __init__(self, numpy_iterator: Iterator[dict], start_step: int, seed: int):
+  An exception raised while making an example (a file that fails to read, say) reaches tf.data
+  as an opaque op error; `next` raises the original exception instead.
+  """
+
+  def __init__(self, numpy_iterator: Iterator[dict], start_step: int, seed: int,
+               failures: list[Exception]):
     self._iterator = numpy_iterator
+    self._failures = failures
     self.step = start_step
     self.seed = seed
 
@@ -43,7 +49,14 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      if self._failures:
+        raise self._failures[0] from None
+      raise
     self.step += 1
     return batch
 
@@ -81,10 +94,16 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
   batch = local_devices * per_device_batch
   channels = 1 if mono else 2
 
+  failures = []  # exceptions of make_example, for TrainIterator to raise
+
   def make_example(number):
     step, example = divmod(int(number), batch)
-    mix = mixing.random_mix(tracks, index, example_rng(seed, process_index, step, example),
-                            segment, mono=mono, config=mix_config)
+    try:
+      mix = mixing.random_mix(tracks, index, example_rng(seed, process_index, step, example),
+                              segment, mono=mono, config=mix_config)
+    except Exception as e:
+      failures.append(e)
+      raise
     return mix["mixture"], mix["vocals"]
 
   def generate(number):
@@ -100,7 +119,7 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
   ds = tf.data.Dataset.range(start_step * batch, np.iinfo(np.int64).max)
   ds = ds.map(generate, num_parallel_calls=num_parallel_calls, deterministic=True)
   ds = ds.batch(batch, drop_remainder=True).map(shape_for_pmap).prefetch(prefetch)
-  return TrainIterator(iter(tfds.as_numpy(ds)), start_step, seed)
+  return TrainIterator(iter(tfds.as_numpy(ds)), start_step, seed, failures)
 
 
 def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_size: int = 1,
@@ -116,6 +135,10 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   segment = _segment_samples(segment_seconds)
   tracks = musdb.MusdbDataset(data_dir).tracks(split)
+  if not tracks:
+    where = (f" (the names in {musdb.VALIDATION_LIST} if present, else the musdb package's "
+             "validation tracks, under train/)" if split == "valid" else "")
+    raise ValueError(f"{data_dir}: the '{split}' split has no tracks{where}")
   windows = mixing.validation_windows(tracks, segment)
   if max_examples is not None and max_examples < len(windows):
     keep = np.unique(np.linspace(0, len(windows) - 1, max(max_examples, 1)).round().astype(int))

@@ -77,11 +77,7 @@ def salient_index(dataset: musdb.MusdbDataset, split: str = "train",
   cache_dir = os.path.join(dataset.root, CACHE_DIR)
   cache_file = os.path.join(cache_dir, f"{split}-{key}.json")
 
-  index = None
-  if cache and os.path.isfile(cache_file):
-    with open(cache_file) as f:
-      index = {stem: [tuple(entry) for entry in entries]
-               for stem, entries in json.load(f)["index"].items()}
+  index = _read_cache(cache_file, stems, len(tracks)) if cache else None
   if index is None:
     index = {stem: [] for stem in stems}
     for i, track in enumerate(tracks):
@@ -95,6 +91,25 @@ def salient_index(dataset: musdb.MusdbDataset, split: str = "train",
       raise ValueError(f"{dataset.root}: no salient {segment_seconds:g}-s window of '{stem}' in "
                        f"any of the {len(tracks)} '{split}' tracks (tracks too short or silent?)")
   return index
+
+
+def _read_cache(cache_file: str, stems: tuple[str, ...],
+                num_tracks: int) -> dict[str, list[tuple[int, int]]] | None:
+  """The cached index, or None when there is none or it is damaged (a warning, then rebuilt)."""
+  if not os.path.isfile(cache_file):
+    return None
+  try:
+    with open(cache_file) as f:
+      cached = json.load(f)["index"]
+    index = {stem: [(int(i), int(start)) for i, start in cached[stem]] for stem in stems}
+    if all(0 <= i < num_tracks and start >= 0 for entries in index.values()
+           for i, start in entries):
+      return index
+    problem = "entries outside the split"
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    problem = f"{type(e).__name__}: {e}"
+  logging.warning("%s: damaged salient-segment cache (%s); rebuilding it", cache_file, problem)
+  return None
 
 
 def _write_cache(cache_dir: str, cache_file: str, split: str, params: dict, index: dict) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from absl import app, flags, logging
 import jax
@@ -86,6 +86,15 @@ def unreplicate(tree: Any) -> Any:
   return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
 
 
+def validation_batches(config: ml_collections.ConfigDict) -> Iterator[dict]:
+  """The validation split's windows; its tracks are checked when this is called."""
+  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.validation_iterator(
+      config.data.dir, segment_seconds=config.eval.segment_seconds,
+      batch_size=config.eval.batch_size, mono=config.data.mono, split="valid",
+      max_examples=config.eval.max_examples)
+
+
 def validate(experiment: Experiment, params: Any) -> dict[str, float]:
   """Vocals uSDR and cSDR of the EMA model on the validation split, scored per track (SPEC §7).
 
@@ -94,13 +103,10 @@ def validate(experiment: Experiment, params: Any) -> dict[str, float]:
   Scoring windows one by one would let windows with silent vocals (uSDR ≈ −40 dB or lower)
   swamp the mean. `valid_input_usdr` scores the mixture itself (the do-nothing baseline).
   """
-  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   config = experiment.config
   batch_size = config.eval.batch_size
   windows = {}  # track -> list of (mixture, vocals, estimate), each (C, N)
-  for batch in pipeline.validation_iterator(
-      config.data.dir, segment_seconds=config.eval.segment_seconds, batch_size=batch_size,
-      mono=config.data.mono, split="valid", max_examples=config.eval.max_examples):
+  for batch in validation_batches(config):
     mixture, vocals = batch["mixture"], batch["vocals"]
     count = len(mixture)
     padded = np.pad(mixture, ((0, batch_size - count), (0, 0), (0, 0)))  # One compiled shape.
@@ -223,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   _prepare_workdir(config, workdir)
   _maybe_generate_data(config)
+  validation_batches(config)  # a bad validation split fails now, not after training
 
   experiment = Experiment(config)
   devices = jax.local_device_count()
@@ -249,6 +256,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  metrics=None if metrics_row is None else dict(usdr=metrics_row["valid_usdr"]))
     return host
 
+  def validate_and_save(state_r):
+    """Validation metrics, logged and saved with the state; the state is saved even if
+    validation fails (the error then propagates)."""
+    try:
+      metrics_row = validate(experiment, unreplicate(state_r.ema_params))
+    except BaseException:
+      save(state_r)
+      raise
+    logger.write(step, metrics_row)
+    return save(state_r, metrics_row), metrics_row
+
   received = []
   handlers = {}
   try:
@@ -271,7 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tick, tick_step = time.time(), step
   try:
     while step < config.train.num_steps:
-      state_r, step_metrics = experiment.train_step(state_r, next(batches))
+      try:
+        batch = next(batches)
+      except Exception:  # a data error: keep the steps since the last checkpoint
+        save(state_r)
+        raise
+      state_r, step_metrics = experiment.train_step(state_r, batch)
       step += 1
       if bar is not None:
         bar.update(1)
@@ -300,15 +323,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step == config.train.num_steps:
         break
       if step % config.eval_every == 0:
-        valid = validate(experiment, unreplicate(state_r.ema_params))
-        logger.write(step, valid)
-        save(state_r, valid)
+        _, valid = validate_and_save(state_r)
       elif step % config.ckpt_every == 0:
         save(state_r)
-    if stop_reason != "signal":
-      valid = validate(experiment, unreplicate(state_r.ema_params))
-      logger.write(step, valid)
-    host = save(state_r, valid or None)
+    if stop_reason == "signal":
+      host = save(state_r, valid or None)
+    else:
+      host, valid = validate_and_save(state_r)
   finally:
     for signum, handler in handlers.items():
       signal.signal(signum, handler)

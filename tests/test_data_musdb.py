@@ -18,7 +18,7 @@ def write_track(root, split, name, n=3000, sr=SR, channels=2, seed=0):
   rng = np.random.default_rng(seed)
   for stem in musdb.STEMS:
     data = (0.1 * rng.standard_normal((n, channels))).astype(np.float32)
-    sf.write(os.path.join(path, f"{stem}.wav"), data, sr, subtype="FLOAT")
+    sf.write(os.fsencode(os.path.join(path, f"{stem}.wav")), data, sr, subtype="FLOAT")
   return path
 
 
@@ -119,3 +119,19 @@ def test_hidden_and_plain_files_are_not_tracks(root):
   shutil.copytree(root / "test" / "Test - Song", root / "test" / ".hidden")
   (root / "test" / "notes.txt").write_text("x")
   assert [t.name for t in musdb.MusdbDataset(str(root)).tracks("test")] == ["Test - Song"]
+
+
+@pytest.mark.parametrize("channels,n,message", [(3, 3000, "stems with 3 channels"),
+                                                (2, 0, r"empty stems \(0 samples\)")])
+def test_stems_must_be_mono_or_stereo_and_not_empty(tmp_path, channels, n, message):
+  path = write_track(tmp_path, "train", "Odd - Song", n=n, channels=channels)
+  with pytest.raises(musdb.MusdbError, match=message) as e:
+    musdb.Track(path)
+  assert path in str(e.value)
+
+
+def test_track_folder_name_that_is_not_utf8(tmp_path):
+  name = os.fsdecode(b"Caf\xe9 - Latin-1")  # as Linux hands over such a name
+  write_track(tmp_path, "test", name)
+  [track] = musdb.MusdbDataset(str(tmp_path)).tracks("test")
+  assert track.name == name and track.read("vocals", 10, 20).shape == (2, 20)

@@ -90,3 +90,20 @@ def test_validation_iterator(root):
   np.testing.assert_array_equal(spread[1]["vocals"][0], track.read("vocals", 2 * 88200, 88200))
   with pytest.raises(ValueError, match="no 10-s window in the 'valid' split"):
     pipeline.validation_iterator(root, segment_seconds=10.0)
+
+
+def test_a_failing_example_raises_its_own_error(root, monkeypatch):
+  def unreadable(*args, **kwargs):
+    raise musdb.MusdbError("/data/train/t/vocals.wav: unreadable audio file (truncated)")
+  monkeypatch.setattr(mixing, "random_mix", unreadable)
+  iterator = pipeline.train_iterator(root, segment_seconds=SEGMENT_S, per_device_batch=2)
+  with pytest.raises(musdb.MusdbError, match="vocals.wav: unreadable audio file"):
+    next(iterator)
+
+
+def test_empty_validation_split_is_named(root, tmp_path):
+  import shutil
+  copy = shutil.copytree(root, tmp_path / "copy")
+  (copy / musdb.VALIDATION_LIST).write_text("No - Such Track\n")
+  with pytest.raises(ValueError, match="the 'valid' split has no tracks .*validation_tracks.txt"):
+    pipeline.validation_iterator(str(copy), segment_seconds=SEGMENT_S)

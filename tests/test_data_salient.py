@@ -112,7 +112,7 @@ def crafted(tmp_path):
   return tmp_path
 
 
-def test_index_per_stem_and_cache(crafted, monkeypatch):
+def test_index_per_stem_and_cache(crafted, monkeypatch, caplog):
   dataset = musdb.MusdbDataset(str(crafted))
   index = salient.salient_index(dataset, "train", SEGMENT / SR, HOP / SR)
   all_starts = list(range(0, 20000 - SEGMENT + 1, HOP))
@@ -128,6 +128,15 @@ def test_index_per_stem_and_cache(crafted, monkeypatch):
   assert salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", SEGMENT / SR,
                                HOP / SR) == index
   monkeypatch.undo()
+
+  # A damaged cache is rebuilt with a warning.
+  [cache_file] = [crafted / salient.CACHE_DIR / name for name in cache_files]
+  for damage in ('{"index": {"vocals": [[0, 1]', "{}", '{"index": {"vocals": [[7, 0]]}}'):
+    cache_file.write_text(damage)
+    caplog.clear()
+    assert salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", SEGMENT / SR,
+                                 HOP / SR) == index
+    assert "damaged salient-segment cache" in caplog.text and str(cache_file) in caplog.text
 
   # A changed file invalidates the cache: vocals of track b become silent everywhere.
   sf.write(str(crafted / "train" / "b" / "vocals.wav"), np.zeros((20000, 2), np.float32), SR,

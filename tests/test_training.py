@@ -333,3 +333,20 @@ def test_tiny_learns_on_synthetic_data(tmp_path):
     losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
   assert summary["valid_usdr"] > summary["valid_input_usdr"] + 1.0, summary
+
+
+def test_bad_validation_split_fails_before_training(tmp_path, data_dir):
+  import shutil
+
+  from data_pipeline import musdb
+  from experiments import train
+  from experiments.configs import tiny
+  copy = shutil.copytree(data_dir, tmp_path / "data")
+  name = (copy / musdb.VALIDATION_LIST).read_text().split("\n")[0]
+  os.remove(copy / "train" / name / "vocals.wav")
+  config = tiny.get_config()
+  config.data.dir = str(copy)
+  config.data.synthetic.generate = False
+  with pytest.raises(musdb.MusdbError, match=f"{name}/vocals.wav: missing stem 'vocals'"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
