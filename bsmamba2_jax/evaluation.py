@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import time
 from typing import Any, Iterable, Sequence
@@ -58,9 +59,12 @@ def score(references: dict[str, np.ndarray], estimates: dict[str, np.ndarray],
 def evaluate_track(separator, track) -> dict[str, Any]:
   """Separates one track with `separator.separate(audio, rate)` and scores it (one CSV row)."""
   sample_rate = track.sample_rate
-  mixture = track.read_all("mixture")
-  vocals = track.read_all("vocals")
-  accompaniment = sum(track.read_all(s) for s in ("drums", "bass", "other"))
+  stems = {s: track.read_all(s) for s in ("mixture", "vocals", "drums", "bass", "other")}
+  for stem, audio in stems.items():
+    if not np.isfinite(audio).all():
+      raise ValueError(f"{track.file(stem)}: non-finite samples (NaN or Inf)")
+  mixture, vocals = stems["mixture"], stems["vocals"]
+  accompaniment = stems["drums"] + stems["bass"] + stems["other"]
   references = {"vocals": vocals, "accompaniment": accompaniment}
   start = time.perf_counter()
   estimates = separator.separate(mixture, sample_rate)
@@ -99,19 +103,37 @@ def evaluate(separator, data_dir: str, split: str = "test", *, progress: bool = 
   """Evaluates `separator` on the `split` tracks of the MUSDB18-HQ-layout `data_dir`.
 
   Returns {"tracks": per-track rows, "aggregate": median/mean/count per score,
-  "baseline": the same for the mixture-as-estimate, "sparse": the vocal-activity breakdown}.
+  "baseline": the same for the mixture-as-estimate, "sparse": the vocal-activity breakdown,
+  "failed": [{"track", "error"}] of tracks that could not be scored (logged, left out)}.
   """
   from tqdm import tqdm
 
   from data_pipeline.musdb import MusdbDataset
 
+  if max_tracks is not None and max_tracks < 1:
+    raise ValueError(f"max_tracks must be >= 1, got {max_tracks}")
   tracks = list(MusdbDataset(data_dir).tracks(split))[:max_tracks]
   if not tracks:
     raise ValueError(f"{data_dir}: no tracks in split {split!r}")
-  rows = [evaluate_track(separator, t) for t in tqdm(tracks, desc=f"evaluate {split}",
-                                                       disable=not progress)]
+  rows, failed = [], []
+  for track in tqdm(tracks, desc=f"evaluate {split}", disable=not progress):
+    try:
+      rows.append(evaluate_track(separator, track))
+    except (ValueError, OSError) as e:
+      error = str(e) if track.path in str(e) else f"{track.path}: {e}"
+      logging.error("%s (track left out)", error)
+      failed.append(dict(track=track.name, error=error))
+  if not rows:
+    raise ValueError(f"{data_dir}: no track of split {split!r} could be scored; the first: "
+                     f"{failed[0]['error']}")
+  unscored = sorted({r["track"] for r in rows for k in SCORES if np.isnan(r[k])})
+  if unscored:
+    logging.warning("%d track(s) with an undefined (NaN) score, left out of that score's "
+                    "aggregate (a stem silent in every frame?): %s", len(unscored),
+                    ", ".join(unscored))
   return dict(tracks=rows, aggregate=aggregate_rows(rows, SCORES),
-              baseline=aggregate_rows(rows, BASELINE_SCORES), sparse=sparse_breakdown(rows))
+              baseline=aggregate_rows(rows, BASELINE_SCORES), sparse=sparse_breakdown(rows),
+              failed=failed)
 
 
 def segment_study(make_separator, segments: Sequence[float], data_dir: str,
@@ -134,13 +156,14 @@ def segment_study(make_separator, segments: Sequence[float], data_dir: str,
 
 def markdown_table(results: dict[str, Any]) -> str:
   """The aggregate table: median and mean over tracks of each score, model and baseline."""
-  lines = ["| estimate | stem | cSDR median | cSDR mean | uSDR median | uSDR mean | tracks |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| estimate | stem | cSDR median | cSDR mean | uSDR median | uSDR mean | tracks "
+           "(cSDR / uSDR) |", "|---|---|---|---|---|---|---|"]
   for name, key, prefix in (("model", "aggregate", ""), ("mixture", "baseline", "mix_")):
     for stem in STEMS:
       c, u = results[key][f"{prefix}{stem}_csdr"], results[key][f"{prefix}{stem}_usdr"]
       lines.append(f"| {name} | {stem} | {c['median']:.3f} | {c['mean']:.3f} | "
-                   f"{u['median']:.3f} | {u['mean']:.3f} | {c['count']:.0f} |")
+                   f"{u['median']:.3f} | {u['mean']:.3f} | {c['count']:.0f} / "
+                   f"{u['count']:.0f} |")
   return "\n".join(lines)
 
 
@@ -160,6 +183,9 @@ def markdown_report(results: dict[str, Any], study: Sequence[dict] | None = None
     text += ["\n## Segment length (no overlap)",
              _table(study, ["segment", "vocals_csdr_median", "vocals_csdr_mean",
                             "vocals_usdr_median", "vocals_usdr_mean"])]
+  if results.get("failed"):
+    text += ["\n## Tracks left out (could not be scored)", _table(results["failed"],
+                                                                   ["track", "error"])]
   return "\n".join(text)
 
 
@@ -251,8 +277,12 @@ def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "
   from bsmamba2_jax import checkpoints
   from bsmamba2_jax.separation import Separator
 
+  # Everything that can be checked before the long run is (the output folder again on writing).
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise FileExistsError(f"{output_dir}: exists and is not a folder; choose another "
+                          "--output_dir")
   existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
-  if existing and not overwrite:  # checked before the long run, again when writing
+  if existing and not overwrite:
     raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "
                           "--overwrite or another --output_dir")
   model, params = checkpoints.load_model(checkpoint)
@@ -263,6 +293,9 @@ def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "
       separators[seg, ov] = Separator.from_model(model, params, segment=seg, overlap=ov,
                                                  batch_size=batch_size)
     return separators[seg, ov]
+
+  for seg in segments:  # bad study lengths fail now: a Separator checks its settings
+    make(seg, 0.0)
 
   results = evaluate(make(segment, overlap), data_dir, split, progress=progress,
                      max_tracks=max_tracks)

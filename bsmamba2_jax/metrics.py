@@ -32,6 +32,10 @@ def _pair(fn, reference, estimate, ndim=None):
   if reference.ndim < 2:
     raise ValueError(f"metrics.{fn}: expects (..., channels, samples), got "
                      f"shape {reference.shape}.")
+  if reference.shape[-2] > reference.shape[-1]:
+    raise ValueError(f"metrics.{fn}: expects (..., channels, samples), got {reference.shape[-2]} "
+                     f"channels of {reference.shape[-1]} samples; transpose museval's "
+                     "(..., samples, channels) layout.")
   return reference, estimate
 
 

@@ -27,7 +27,8 @@ _SEGMENTS = flags.DEFINE_list(
     "segments", [], "Input-length study: segment lengths in seconds, non-overlapping "
     "(the paper: 1,2,4,8,16). Empty skips the study.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Chunks per model call.")
-_MAX_TRACKS = flags.DEFINE_integer("max_tracks", None, "Evaluate only the first N tracks.")
+_MAX_TRACKS = flags.DEFINE_integer("max_tracks", None, "Evaluate only the first N tracks.",
+                                   lower_bound=1)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace earlier reports in --output_dir.")
 
 flags.mark_flags_as_required(["checkpoint", "data_dir"])
@@ -50,6 +51,8 @@ def main(argv):
     sys.exit(2)
   print(evaluation.markdown_report(results, study))
   print("\nwrote " + ", ".join(paths))
+  if results["failed"]:
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from bsmamba2_jax import evaluation
 from data_pipeline.musdb import MusdbDataset
@@ -175,3 +176,32 @@ def test_cli_on_generated_data(dataset, export, tmp_path):
           == results["aggregate"]["vocals_csdr"]["median"])
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
   assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+
+
+def test_a_track_that_cannot_be_scored_is_left_out_and_reported(dataset, tmp_path, caplog):
+  import shutil
+  copy = shutil.copytree(dataset, tmp_path / "data")
+  broken, kept = MusdbDataset(str(copy)).tracks("test")
+  mixture = broken.read_all("mixture")
+  mixture[0, 100] = np.nan
+  sf.write(broken.file("mixture"), mixture.T, RATE, subtype="FLOAT")
+  results = evaluation.evaluate(ScaledOracle(str(copy), 0.5), str(copy), "test", progress=False)
+  assert [r["track"] for r in results["tracks"]] == [kept.name]
+  [failed] = results["failed"]
+  assert failed["track"] == broken.name
+  assert f"{broken.file('mixture')}: non-finite samples" in failed["error"]
+  assert "track left out" in caplog.text
+  assert results["aggregate"]["vocals_csdr"]["count"] == 1
+  assert "## Tracks left out" in evaluation.markdown_report(results)
+
+
+def test_bad_settings_fail_before_the_run(dataset, export, tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  with pytest.raises(FileExistsError, match="is not a folder"):
+    evaluation.run(export, dataset, "test", str(a_file))
+  with pytest.raises(ValueError, match="segment must be positive"):
+    evaluation.run(export, dataset, "test", str(tmp_path / "eval"), segments=[1.0, -1.0])
+  with pytest.raises(ValueError, match="max_tracks must be >= 1"):
+    evaluation.run(export, dataset, "test", str(tmp_path / "eval"), max_tracks=-1)
+  assert not os.path.exists(tmp_path / "eval")

@@ -98,6 +98,9 @@ def test_aggregate_and_errors():
     metrics.usdr(np.zeros((2, 10)), np.zeros((2, 11)))
   with pytest.raises(ValueError, match="sources, channels, samples"):
     metrics.csdr(np.zeros((2, 10)), np.zeros((2, 10)))
+  museval_layout = np.ones((2, 88200, 2))  # (sources, samples, channels)
+  with pytest.raises(ValueError, match="88200 channels of 2 samples; transpose museval"):
+    metrics.csdr(museval_layout, 0.5 * museval_layout)
 
 
 def test_csdr_matches_museval():
