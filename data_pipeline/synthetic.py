@@ -24,6 +24,7 @@ CLI: python -m data_pipeline.synthetic --output_dir=DIR --num_train=N --num_test
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -36,7 +37,7 @@ SAMPLE_RATE = 44100
 SOURCES = ("vocals", "drums", "bass", "other")
 MANIFEST = "synthetic_manifest.json"
 VALIDATION_LIST = "validation_tracks.txt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: reverb tails of silence are exact zeros
 SPARSE_VOCAL_DENSITY = 0.2  # vocal density of the sparse-vocal test songs (every odd test track)
 
 _SCALES = (np.array([0, 2, 4, 5, 7, 9, 11]), np.array([0, 2, 3, 5, 7, 8, 10]))  # major, minor
@@ -145,7 +146,11 @@ def _reverb(rng: np.random.Generator, x: np.ndarray, seconds: float, wet: float)
   ir = rng.standard_normal((2, t.size)) * np.exp(-6.9 * t / seconds)  # -60 dB at `seconds`
   ir /= np.sqrt(np.sum(ir**2, axis=1, keepdims=True))
   tail = scipy.signal.oaconvolve(x, ir, axes=1)[:, :x.shape[1]]
-  return x + wet * tail
+  # The tail of silence is silence: zero wherever the dry signal was silent for the whole IR
+  # (FFT round-off leaves ~1e-17 there, which cSDR's silent-frame rule would count as sound).
+  sounded = np.cumsum(np.any(x != 0, axis=0))  # sounding samples up to each one
+  before = np.concatenate([np.zeros(t.size, sounded.dtype), sounded])[:sounded.size]
+  return x + wet * tail * (sounded - before > 0)
 
 
 def _drums(rng: np.random.Generator, song: _Song) -> np.ndarray:
@@ -466,7 +471,11 @@ def generate_dataset(output_dir: str, *, num_train: int, num_test: int, seconds:
       manifest = json.load(f)
     if manifest.get("params") == params and _manifest_complete(output_dir, manifest):
       return output_dir
-    if manifest.get("params") != params and not overwrite:
+    older = dict(manifest.get("params", {}), format_version=FORMAT_VERSION) == params
+    if older:  # same parameters, an older generator: generated data, safe to replace
+      logging.info("%s: regenerating a synthetic dataset of format version %s", output_dir,
+                   manifest["params"].get("format_version"))
+    if manifest.get("params") != params and not (overwrite or older):
       raise FileExistsError(
           f"{output_dir} holds a synthetic dataset generated with other parameters "
           f"{manifest.get('params')}; pass overwrite=True (--overwrite) or another directory")

@@ -65,6 +65,16 @@ def test_vocal_level_and_sparsity(root):
   assert 0.05 < 1 - silent(sparse) < 0.6
 
 
+def test_pauses_are_digital_silence(root):
+  """Between phrases, after the reverb has rung out, the stems are exactly zero (no FFT
+  round-off), as cSDR's silent-frame rule expects of real stems."""
+  for name in ("synthetic-test-000", "synthetic-test-001-sparse"):
+    level = np.abs(read(root, "test", name, "vocals"))
+    assert np.mean(level == 0) > 0.2
+    # Round-off residue (~1e-17) had filled the pauses of dense tracks (37 % of samples).
+    assert np.mean((level > 0) & (level < 1e-12)) < 1e-4
+
+
 def test_vocals_are_harmonic_with_moving_pitch(root):
   vocals = read(root, "train", "synthetic-train-000", "vocals").mean(0)
   rms = frame_rms(np.stack([vocals, vocals]), 2048)
@@ -110,6 +120,13 @@ def test_cached_refuses_foreign_and_overwrites(tmp_path):
     synthetic.generate_dataset(out, **{**kwargs, "seed": 1})
   synthetic.generate_dataset(out, **{**kwargs, "seed": 1, "num_test": 0}, overwrite=True)
   assert os.listdir(os.path.join(out, "test")) == []  # old tracks removed
+  # A dataset of an older generator with the same parameters is regenerated without asking.
+  manifest = json.load(open(os.path.join(out, synthetic.MANIFEST)))
+  manifest["params"]["format_version"] = synthetic.FORMAT_VERSION - 1
+  json.dump(manifest, open(os.path.join(out, synthetic.MANIFEST), "w"))
+  synthetic.generate_dataset(out, **{**kwargs, "seed": 1, "num_test": 0})
+  manifest = json.load(open(os.path.join(out, synthetic.MANIFEST)))
+  assert manifest["params"]["format_version"] == synthetic.FORMAT_VERSION and manifest["complete"]
   foreign = tmp_path / "foreign"
   foreign.mkdir()
   (foreign / "thesis.tex").write_text("precious")
