@@ -18,7 +18,8 @@ from bsmamba2_jax import evaluation
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Exported Orbax directory or official PyTorch checkpoint.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "MUSDB18-HQ-layout dataset root.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test", "train_full"], "Tracks to evaluate.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test", "train_full"],
+                           "Tracks to evaluate.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "evaluation", "Where the reports are written.")
 _SEGMENT = flags.DEFINE_float("segment", 8.0, "Chunk length (s) of the main evaluation.")
 _OVERLAP = flags.DEFINE_float(
@@ -30,6 +31,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Chunks per model call.")
 _MAX_TRACKS = flags.DEFINE_integer("max_tracks", None, "Evaluate only the first N tracks.",
                                    lower_bound=1)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace earlier reports in --output_dir.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per pass over the tracks.")
 
 flags.mark_flags_as_required(["checkpoint", "data_dir"])
 
@@ -45,7 +47,8 @@ def main(argv):
     results, study, paths = evaluation.run(
         _CHECKPOINT.value, _DATA_DIR.value, _SPLIT.value, _OUTPUT_DIR.value,
         segment=_SEGMENT.value, overlap=_OVERLAP.value, batch_size=_BATCH_SIZE.value,
-        segments=segments, max_tracks=_MAX_TRACKS.value, overwrite=_OVERWRITE.value)
+        segments=segments, max_tracks=_MAX_TRACKS.value, overwrite=_OVERWRITE.value,
+        progress=_PROGRESS.value)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     logging.error("%s", e)
     sys.exit(2)

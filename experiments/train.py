@@ -196,9 +196,13 @@ def _maybe_generate_data(config: ml_collections.ConfigDict) -> None:
     return
   if jax.process_index() == 0:
     from data_pipeline import synthetic as synthetic_data  # pylint: disable=g-import-not-at-top
-    synthetic_data.generate_dataset(config.data.dir, num_train=synthetic.num_train,
-                                    num_test=synthetic.num_test, seconds=synthetic.seconds,
-                                    seed=synthetic.seed)
+    try:
+      synthetic_data.generate_dataset(config.data.dir, num_train=synthetic.num_train,
+                                      num_test=synthetic.num_test, seconds=synthetic.seconds,
+                                      seed=synthetic.seed)
+    except FileExistsError as e:
+      raise FileExistsError(f"{e}; to train on the data already there, pass "
+                            "--config.data.synthetic.generate=false") from None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("synthetic data ready")

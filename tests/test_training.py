@@ -350,3 +350,13 @@ def test_bad_validation_split_fails_before_training(tmp_path, data_dir):
   with pytest.raises(musdb.MusdbError, match=f"{name}/vocals.wav: missing stem 'vocals'"):
     train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_generating_into_a_real_dataset_is_refused_with_a_hint(tmp_path):
+  from experiments import train
+  from experiments.configs import tiny
+  (tmp_path / "musdb18hq" / "train").mkdir(parents=True)
+  config = tiny.get_config()
+  config.data.dir = str(tmp_path / "musdb18hq")
+  with pytest.raises(FileExistsError, match="pass --config.data.synthetic.generate=false"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
