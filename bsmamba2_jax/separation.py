@@ -604,9 +604,10 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
                                       "{folder} or {trackext} in --template, e.g. "
                                       "'{folder}/{track}/{stem}.{ext}'")
     elif is_input:
-      result = FileResult(path, error=f"{path}: output {is_input[0]} is an input of this run "
-                                      f"({sources[os.path.realpath(is_input[0])]}); choose "
-                                      "another --output_dir or --template")
+      source = sources[os.path.realpath(is_input[0])]
+      also = "" if source == is_input[0] else f" ({source})"
+      result = FileResult(path, error=f"{path}: output {is_input[0]} is an input of this "
+                                      f"run{also}; choose another --output_dir or --template")
     elif existing and not overwrite:
       result = FileResult(path, error=f"{path}: output {existing[0]} exists; pass --overwrite "
                                       "to replace it")
