@@ -260,13 +260,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  metrics=None if metrics_row is None else dict(usdr=metrics_row["valid_usdr"]))
     return host
 
+  def save_before_failing(state_r):
+    """Keeps the steps since the last checkpoint before an error propagates; single-process
+    only (a multi-host save waits for every process, and the others are not failing)."""
+    if jax.process_count() == 1:
+      save(state_r)
+
   def validate_and_save(state_r):
-    """Validation metrics, logged and saved with the state; the state is saved even if
-    validation fails (the error then propagates)."""
+    """Validation metrics, logged and saved with the state."""
     try:
       metrics_row = validate(experiment, unreplicate(state_r.ema_params))
     except BaseException:
-      save(state_r)
+      save_before_failing(state_r)
       raise
     logger.write(step, metrics_row)
     return save(state_r, metrics_row), metrics_row
@@ -295,8 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     while step < config.train.num_steps:
       try:
         batch = next(batches)
-      except Exception:  # a data error: keep the steps since the last checkpoint
-        save(state_r)
+      except Exception:  # a data error
+        save_before_failing(state_r)
         raise
       state_r, step_metrics = experiment.train_step(state_r, batch)
       step += 1

@@ -360,3 +360,30 @@ def test_generating_into_a_real_dataset_is_refused_with_a_hint(tmp_path):
   config.data.dir = str(tmp_path / "musdb18hq")
   with pytest.raises(FileExistsError, match="pass --config.data.synthetic.generate=false"):
     train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+
+
+def test_data_error_mid_run_is_one_line_and_keeps_the_steps(tmp_path, env, data_dir):
+  """An example that fails to read at step 4 (batch 2: its 7th example) ends the run with that
+  error, after the 3 finished steps were saved."""
+  code = MICRO + textwrap.dedent(f"""
+      from data_pipeline import mixing, musdb
+      from experiments import train
+      real, calls = mixing.random_mix, []
+      def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 6:
+          raise musdb.MusdbError("/data/train/t/vocals.wav: unreadable audio file (truncated)")
+        return real(*args, **kwargs)
+      mixing.random_mix = failing
+      train.train_and_evaluate(micro_config({data_dir!r}, 10), {str(tmp_path / "run")!r},
+                               progress=False)
+      """)
+  result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.rstrip().endswith(
+      "MusdbError: /data/train/t/vocals.wav: unreadable audio file (truncated)")
+  from bsmamba2_jax import checkpoints
+  manager = checkpoints.TrainingCheckpoints(tmp_path / "run" / "checkpoints")
+  assert manager.latest_step() == 3
+  manager.close()
