@@ -71,6 +71,11 @@ def salient_index(dataset: musdb.MusdbDataset, split: str = "train",
   if segment <= 0 or hop <= 0:
     raise ValueError(f"segment_seconds and hop_seconds must be positive, got "
                      f"{segment_seconds}, {hop_seconds}")
+  if segment % NUM_CHUNKS:
+    chunk_ms = 1000 * NUM_CHUNKS / musdb.SAMPLE_RATE
+    raise ValueError(f"segment_seconds={segment_seconds:g} is {segment} samples, which the "
+                     f"salient-segment test cannot cut into {NUM_CHUNKS} equal chunks; use a "
+                     f"multiple of {NUM_CHUNKS} samples ({chunk_ms:.3f} ms), e.g. 8 s")
   params = dict(split=split, segment=segment, hop=hop, num_chunks=NUM_CHUNKS, quantile=QUANTILE,
                 floor=FLOOR, stems=list(stems))
   key = _cache_key(tracks, stems, params)

@@ -143,3 +143,8 @@ def test_index_per_stem_and_cache(crafted, monkeypatch, caplog):
            subtype="FLOAT")
   with pytest.raises(ValueError, match="no salient .*'vocals'"):
     salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", SEGMENT / SR, HOP / SR)
+
+
+def test_segment_must_cut_into_the_chunks(crafted):
+  with pytest.raises(ValueError, match="segment_seconds=0.33 is 14553 samples.*10 equal chunks"):
+    salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", 0.33, 0.165)
