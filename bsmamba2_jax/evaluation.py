@@ -33,12 +33,15 @@ BASELINE_SCORES = tuple(f"mix_{s}" for s in SCORES)
 
 def vocal_activity(vocals: np.ndarray, sample_rate: int = 44100,
                    threshold_db: float = ACTIVITY_THRESHOLD_DB) -> float:
-  """Fraction of full 1-s frames of vocals (C, N) whose RMS reaches `threshold_db` dBFS."""
-  frames = vocals.shape[-1] // sample_rate
-  if frames == 0:
+  """Fraction of full 1-s frames of vocals (C, N) whose RMS reaches `threshold_db` dBFS; a
+  track shorter than a second is one frame, as cSDR frames it."""
+  n = vocals.shape[-1]
+  if n == 0:
     return float("nan")
-  x = np.asarray(vocals[:, :frames * sample_rate], np.float64)
-  x = x.reshape(x.shape[0], frames, sample_rate).transpose(1, 0, 2).reshape(frames, -1)
+  width = min(sample_rate, n)
+  frames = n // width
+  x = np.asarray(vocals[:, :frames * width], np.float64)
+  x = x.reshape(x.shape[0], frames, width).transpose(1, 0, 2).reshape(frames, -1)
   rms = np.sqrt(np.mean(x**2, axis=1))
   return float(np.mean(rms >= 10 ** (threshold_db / 20)))
 

@@ -140,8 +140,9 @@ class MusdbDataset:
     path = os.path.join(self.root, folder)
     if not os.path.isdir(path):
       raise MusdbError(f"{path}: missing folder; {self.root} has no {folder} split")
-    return sorted(d for d in os.listdir(path)
-                  if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
+    return sorted(d for d in os.listdir(path)  # __MACOSX: what macOS zips add
+                  if not d.startswith(".") and d != "__MACOSX"
+                  and os.path.isdir(os.path.join(path, d)))
 
   def tracks(self, split: str) -> list[Track]:
     """The tracks of `split` in {"train", "valid", "test", "train_full"}, sorted by name."""

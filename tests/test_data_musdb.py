@@ -117,6 +117,7 @@ def test_bad_roots(tmp_path):
 
 def test_hidden_and_plain_files_are_not_tracks(root):
   shutil.copytree(root / "test" / "Test - Song", root / "test" / ".hidden")
+  shutil.copytree(root / "test" / "Test - Song", root / "test" / "__MACOSX")
   (root / "test" / "notes.txt").write_text("x")
   assert [t.name for t in musdb.MusdbDataset(str(root)).tracks("test")] == ["Test - Song"]
 

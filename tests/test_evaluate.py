@@ -103,6 +103,9 @@ def test_vocal_activity_and_sparse_breakdown():
   x = np.concatenate([np.full((2, RATE), 10 ** (db / 20)) for db in levels_db], axis=1)
   x = np.concatenate([x, np.ones((2, 100))], axis=1)  # trailing partial second: not scored
   assert evaluation.vocal_activity(x.astype(np.float32), RATE) == 4 / 8
+  # Under a second: one frame of the whole track, as cSDR frames it.
+  assert evaluation.vocal_activity(np.full((2, 100), 0.1, np.float32), RATE) == 1.0
+  assert evaluation.vocal_activity(np.full((2, 100), 1e-3, np.float32), RATE) == 0.0
   rows = [dict(vocal_activity=a, **{k: float(i) for k in evaluation.SCORES})
           for i, a in enumerate([0.0, 0.1, 0.3, 1.0, 1.0])]
   breakdown = evaluation.sparse_breakdown(rows)
