@@ -403,6 +403,31 @@ def check_template(template: str):
     raise ValueError(f"output template {template!r} must contain {{stem}} (one file per stem)")
 
 
+def wav_header_frames(path: str) -> int | None:
+  """The frames a RIFF/WAVE file's header promises (data chunk size / block align), or None
+  when the file is not such a WAV or the size is a streaming placeholder (0 or 0xFFFFFFFF)."""
+  with open(path, "rb") as f:
+    riff = f.read(12)
+    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:] != b"WAVE":
+      return None
+    block_align = None
+    while True:
+      header = f.read(8)
+      if len(header) < 8:
+        return None
+      chunk, size = header[:4], int.from_bytes(header[4:], "little")
+      if chunk == b"fmt ":
+        fmt = f.read(size)
+        block_align = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else None
+        f.seek(size % 2, os.SEEK_CUR)
+      elif chunk == b"data":
+        if not block_align or size in (0, 0xFFFFFFFF):
+          return None
+        return size // block_align
+      else:
+        f.seek(size + size % 2, os.SEEK_CUR)
+
+
 class _Reader:
   """An input file opened for block reads: soundfile streams, librosa reads it whole."""
 
@@ -429,6 +454,10 @@ class _Reader:
       self._data = np.atleast_2d(data).astype(np.float32)
       self.sample_rate, self.channels = int(rate), self._data.shape[0]
       self.frames = self._data.shape[1]
+    promised = wav_header_frames(path) if self._file is not None else None
+    if promised is not None and promised > self.frames:
+      logging.warning("%s: truncated file? its header promises %d frames, %d are there; "
+                      "separating those", path, promised, self.frames)
     if self.channels > 2:
       self.close()
       raise InputError(f"{path}: {self.channels} channels; only mono and stereo are supported")

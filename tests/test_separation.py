@@ -271,6 +271,21 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
   assert not glob.glob(str(tmp_path / "out" / "**" / ".*partial*"), recursive=True)
 
 
+def test_truncated_wav_is_separated_with_a_warning(tmp_path, caplog):
+  path = write(str(tmp_path / "in" / "cut.wav"), noise(2, 9000), RATE, subtype="PCM_16")
+  assert separation.wav_header_frames(path) == 9000
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:  # a download that stopped half way
+    f.write(data[:len(data) // 2])
+  [result] = run_files(tmp_path, [path])
+  present = sf.info(path).frames
+  assert result.error is None and sf.info(result.outputs["vocals"]).frames == present < 9000
+  assert f"{path}: truncated file? its header promises 9000 frames, {present} are there" in (
+      caplog.text)
+  flac = write(str(tmp_path / "in" / "song.flac"), noise(2, 100), RATE, subtype="PCM_16")
+  assert separation.wav_header_frames(flac) is None
+
+
 def test_existing_outputs_need_overwrite(tmp_path):
   path = write(str(tmp_path / "song.wav"), noise(2, 9000), RATE)
   out = tmp_path / "out" / "song" / "vocals.wav"
