@@ -61,6 +61,17 @@ class TrainIterator:
     return batch
 
 
+def training_tracks(data_dir: str, segment_seconds: float
+                    ) -> tuple[list[musdb.Track], dict[str, list[tuple[int, int]]]]:
+  """The checked tracks of the "train" split and their salient index (hop: half a segment,
+  8 s / 4 s as in SPEC §5; cached on disk, so a second call is quick)."""
+  dataset = musdb.MusdbDataset(data_dir)
+  tracks = dataset.tracks("train")
+  if not tracks:
+    raise ValueError(f"{data_dir}: the train split has no tracks")
+  return tracks, salient.salient_index(dataset, "train", segment_seconds, segment_seconds / 2)
+
+
 def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices: int = 1,
                    per_device_batch: int = 1, mono: bool = False, seed: int = 0,
                    start_step: int = 0, process_index: int = 0, process_count: int = 1,
@@ -69,9 +80,9 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
   """Endless random-mix batches of the "train" split of `data_dir` (a MUSDB18-HQ layout).
 
   Yields {"mixture", "vocals"}: float32 (local_devices, per_device_batch, C, N) with C = 1 if
-  `mono` else 2 and N = segment_seconds · 44100. Windows come from the salient index with a hop
-  of half a segment (8 s / 4 s as in SPEC §5). `num_parallel_calls` examples are generated
-  concurrently, `prefetch` batches are kept ready.
+  `mono` else 2 and N = segment_seconds · 44100. Windows come from `training_tracks`' salient
+  index. `num_parallel_calls` examples are generated concurrently, `prefetch` batches are kept
+  ready.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -86,11 +97,7 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
     raise ValueError(f"need local_devices >= 1, per_device_batch >= 1, start_step >= 0; got "
                      f"{local_devices}, {per_device_batch}, {start_step}")
   segment = _segment_samples(segment_seconds)
-  dataset = musdb.MusdbDataset(data_dir)
-  tracks = dataset.tracks("train")
-  if not tracks:
-    raise ValueError(f"{data_dir}: the train split has no tracks")
-  index = salient.salient_index(dataset, "train", segment_seconds, segment_seconds / 2)
+  tracks, index = training_tracks(data_dir, segment_seconds)
   batch = local_devices * per_device_batch
   channels = 1 if mono else 2
 

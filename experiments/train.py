@@ -233,7 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   _prepare_workdir(config, workdir)
   _maybe_generate_data(config)
-  validation_batches(config)  # a bad validation split fails now, not after training
+  # Bad data fails now, before the model is built, not at the first step or after training.
+  pipeline.training_tracks(config.data.dir, config.data.segment_seconds)
+  validation_batches(config)
 
   experiment = Experiment(config)
   devices = jax.local_device_count()

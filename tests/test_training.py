@@ -335,15 +335,20 @@ def test_tiny_learns_on_synthetic_data(tmp_path):
   assert summary["valid_usdr"] > summary["valid_input_usdr"] + 1.0, summary
 
 
-def test_bad_validation_split_fails_before_training(tmp_path, data_dir):
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_bad_data_fails_before_the_model_is_built(tmp_path, data_dir, monkeypatch, split):
   import shutil
 
   from data_pipeline import musdb
   from experiments import train
   from experiments.configs import tiny
   copy = shutil.copytree(data_dir, tmp_path / "data")
-  name = (copy / musdb.VALIDATION_LIST).read_text().split("\n")[0]
+  name = [t.name for t in musdb.MusdbDataset(str(copy)).tracks(split)][0]
   os.remove(copy / "train" / name / "vocals.wav")
+
+  def not_yet(*args, **kwargs):
+    raise AssertionError("the model was built before the data was checked")
+  monkeypatch.setattr(train, "Experiment", not_yet)
   config = tiny.get_config()
   config.data.dir = str(copy)
   config.data.synthetic.generate = False
