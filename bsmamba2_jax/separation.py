@@ -346,14 +346,20 @@ def find_inputs(patterns: Sequence[str],
   named directly is taken as it is. Returns (sorted paths, each file once however it was
   spelled, and failures for patterns that matched nothing).
   """
+  def excluded(path: str) -> bool:
+    return exclude is not None and _is_within(path, exclude)
+
   def searched(path: str) -> list[str]:
-    if exclude is not None and _is_within(path, exclude):
+    if excluded(path):
       return []
     if os.path.isfile(path):
       return [path] if path.lower().endswith(AUDIO_EXTENSIONS) else []
-    return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-            if name.lower().endswith(AUDIO_EXTENSIONS)
-            and not (exclude is not None and _is_within(os.path.join(root, name), exclude))]
+    matches = []
+    for root, folders, names in os.walk(path):
+      folders[:] = [f for f in folders if not excluded(os.path.join(root, f))]  # not entered
+      matches += [os.path.join(root, name) for name in names
+                  if name.lower().endswith(AUDIO_EXTENSIONS)]
+    return matches
 
   found, missing = [], []
   for pattern in patterns:
