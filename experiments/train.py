@@ -31,11 +31,28 @@ CSV_FIELDS = ("step", "loss", "grad_norm", "skipped", "lr", "steps_per_s", "exam
               "valid_usdr", "valid_csdr", "valid_input_usdr", "elapsed_s")
 
 
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def compute_dtype(precision: str, backend: str | None = None) -> str:
+  """`config.precision` as a ModelConfig dtype on `backend` (default: JAX's backend).
+
+  "auto" is float32 on CPU, where XLA:CPU runs this model's bf16 training step slower than fp32
+  (`python -m experiments.benchmark --only=train`, the two `small` rows), and bfloat16 elsewhere.
+  """
+  if precision not in PRECISIONS:
+    raise ValueError(f"config.precision must be one of {PRECISIONS}, got {precision!r}")
+  if precision != "auto":
+    return precision
+  return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The ModelConfig of an experiment: preset + set overrides, channels from data.mono, dtype."""
   overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
   return ModelConfig.preset(config.model.preset, **overrides,
-                            audio_channels=1 if config.data.mono else 2, dtype=config.precision)
+                            audio_channels=1 if config.data.mono else 2,
+                            dtype=compute_dtype(config.precision))
 
 
 def segment_samples(seconds: float, sample_rate: int) -> int:
@@ -230,6 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _initialize_distributed(config)
   if not config.data.dir:
     raise ValueError("config.data.dir is not set (--config.data.dir=/path/to/musdb18hq)")
+  if model_config(config).dtype == "bfloat16" and jax.default_backend() == "cpu":
+    logging.warning("config.precision=%s computes in bfloat16 on CPU, where XLA:CPU runs this "
+                    "model's training step slower than in float32; --config.precision=auto "
+                    "(or float32) trains faster here", config.precision)
   workdir = os.path.abspath(workdir)
   _prepare_workdir(config, workdir)
   _maybe_generate_data(config)

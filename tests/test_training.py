@@ -392,3 +392,31 @@ def test_data_error_mid_run_is_one_line_and_keeps_the_steps(tmp_path, env, data_
   manager = checkpoints.TrainingCheckpoints(tmp_path / "run" / "checkpoints")
   assert manager.latest_step() == 3
   manager.close()
+
+
+def test_precision_auto_is_float32_on_cpu_and_bfloat16_on_accelerators():
+  from experiments import train
+  from experiments.configs import paper, small
+  assert train.compute_dtype("auto", "cpu") == "float32"
+  assert train.compute_dtype("auto", "gpu") == "bfloat16"
+  assert train.compute_dtype("bfloat16", "cpu") == "bfloat16"
+  with pytest.raises(ValueError, match=r"config.precision must be one of .*'fp16'"):
+    train.compute_dtype("fp16")
+  assert train.model_config(small.get_config()).dtype == train.compute_dtype("auto")
+  assert train.model_config(paper.get_config()).dtype == "bfloat16"  # the recipe, on any backend
+
+
+def test_bfloat16_on_cpu_is_warned_about_before_any_data_is_read(tmp_path, caplog):
+  from data_pipeline import musdb
+  from experiments import train
+  from experiments.configs import tiny
+  config = tiny.get_config()
+  config.precision = "bfloat16"
+  config.data.dir = str(tmp_path / "missing")
+  config.data.synthetic.generate = False
+  with pytest.raises(musdb.MusdbError):
+    train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  warned = [r.getMessage() for r in caplog.records if "bfloat16 on CPU" in r.getMessage()]
+  assert len(warned) == (1 if jax.default_backend() == "cpu" else 0), caplog.text
+  if warned:
+    assert "--config.precision=auto" in warned[0]

@@ -7,8 +7,9 @@ available (XLA memory_analysis, temporaries + outputs, × devices) is not run an
 much it needs. The `limit` section times the paper training step on 1 s in the default mode.
 
 FLOPs per step: `cost_analysis` of the compiled step (XLA's count; scans count one iteration)
-and the analytic forward count of `limit.model_flops` × 3 (forward + backward). On CPU the
-step runs in fp32 (XLA:CPU bf16 is slower); elsewhere in the config's precision.
+and the analytic forward count of `limit.model_flops` × 3 (forward + backward). A case runs in
+its own precision where it names one (the default mode's `small` runs in both, which is what
+`config.precision="auto"` rests on); otherwise fp32 on CPU and the config's elsewhere.
 """
 from __future__ import annotations
 
@@ -18,35 +19,40 @@ import numpy as np
 
 from experiments.benchmarks import common, limit, scaling
 
-# (config module, per-device batch, segment seconds, mono, repeats) per mode.
+# (config module, per-device batch, segment seconds, mono, repeats, precision or None) per mode.
 CASES = {
-    "smoke": (("tiny", 1, 0.5, True, 1),),
-    "default": (("tiny", 4, 1.0, True, 3), ("small", 1, 2.0, False, 2)),
-    "full": (("tiny", 4, 1.0, True, 5), ("small", 2, 4.0, False, 5),
-             ("paper", 1, 8.0, False, 3)),
+    "smoke": (("tiny", 1, 0.5, True, 1, None),),
+    "default": (("tiny", 4, 1.0, True, 3, None), ("small", 1, 2.0, False, 2, "float32"),
+                ("small", 1, 2.0, False, 2, "bfloat16")),
+    "full": (("tiny", 4, 1.0, True, 5, None), ("small", 2, 4.0, False, 5, None),
+             ("paper", 1, 8.0, False, 3, None)),
 }
 SMOKE_OVERRIDES = dict(dim=16, depth=1, d_state=16, expand=2, headdim=16, n_fft=256,
                        hop_length=64, band_widths=(32, 32, 65))
 
 
-def experiment_config(name: str, batch: int, seconds: float, mono: bool, smoke: bool):
+def experiment_config(name: str, batch: int, seconds: float, mono: bool, smoke: bool,
+                      precision: str | None = None):
+  """The experiment config of a case; precision None: fp32 on CPU, the config's elsewhere."""
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   config.train.per_device_batch_size = batch
   config.data.segment_seconds = seconds
   config.data.mono = mono
   config.data.dir = "unused"
-  if jax.default_backend() == "cpu":
+  if precision is not None:
+    config.precision = precision
+  elif jax.default_backend() == "cpu":
     config.precision = "float32"
   if smoke:
     config.model.overrides.update(SMOKE_OVERRIDES)
   return config
 
 
-def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, smoke: bool,
-             reference_gflops: float) -> dict:
+def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int,
+             precision: str | None, smoke: bool, reference_gflops: float) -> dict:
   from experiments import train  # pylint: disable=g-import-not-at-top
-  config = experiment_config(name, batch, seconds, mono, smoke)
+  config = experiment_config(name, batch, seconds, mono, smoke, precision)
   experiment = train.Experiment(config)
   cfg = experiment.model_config
   devices = jax.local_device_count()
@@ -59,6 +65,7 @@ def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, sm
 
   compiled = experiment.train_step.lower(state[0], data).compile()
   stats = scaling.compile_stats(compiled)  # one device's program
+  label = f"train step {name}" + (f" {precision}" if precision else "")
   fields = dict(preset=name, batch=batch * devices, seconds=seconds, channels=cfg.audio_channels,
                 precision=config.precision, loss=config.train.loss,
                 analytic_gflop=3 * limit.model_flops(cfg, batch, samples)["total"] / 1e9,
@@ -68,13 +75,13 @@ def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, sm
       None if stats["peak_bytes"] is None else stats["peak_bytes"] * devices,
       common.memory_budget_gb())
   if skipped:
-    return dict(name=f"train step {name}", median_s=None, repeats=[], skipped=skipped, **fields)
+    return dict(name=label, median_s=None, repeats=[], skipped=skipped, **fields)
 
   def step():
     state[0], metrics = compiled(state[0], data)
     return metrics
 
-  row = common.timed(f"train step {name}", step, repeats=repeats, warmup=1, **fields)
+  row = common.timed(label, step, repeats=repeats, warmup=1, **fields)
   row["steps_per_s"] = 1.0 / row["median_s"]
   row["examples_per_s"] = batch * devices / row["median_s"]
 
@@ -91,8 +98,8 @@ def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int, sm
 def run(mode: str = "default") -> tuple[list[dict], str]:
   reference = common.matmul_gflops()
   rows = [reference]
-  for name, batch, seconds, mono, repeats in CASES[mode]:
-    rows.append(case_row(name, batch, seconds, mono, repeats, mode == "smoke",
+  for name, batch, seconds, mono, repeats, precision in CASES[mode]:
+    rows.append(case_row(name, batch, seconds, mono, repeats, precision, mode == "smoke",
                          reference["gflops"]))
   text = (f"Reference: jitted fp32 {reference['n']}² matmul {reference['gflops']:.1f} GFLOP/s. "
           "gflops = analytic (3 × forward) FLOPs / median step time; of_matmul = gflops / "

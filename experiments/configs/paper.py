@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
       lr=5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip=3.0, warmup_steps=0,
       schedule="constant", no_decay_mask=False, accumulate=6))
   config.ema_decay = 0.999
-  config.precision = "bfloat16"  # ModelConfig.dtype: "float32" or "bfloat16".
+  # "float32", "bfloat16", or "auto" (float32 on CPU, where XLA:CPU runs bf16 slower, bfloat16
+  # elsewhere; `experiments.train.compute_dtype`).
+  config.precision = "bfloat16"
 
   config.eval = ml_collections.ConfigDict(dict(
       segment_seconds=8.0, batch_size=4, max_examples=config_dict.placeholder(int)))

@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.num_steps = 50_000
   config.train.per_device_batch_size = 2
   config.optimizer.accumulate = 1
+  config.precision = "auto"  # float32 on CPU, bfloat16 on accelerators
   config.optimizer.warmup_steps = 500
   config.optimizer.schedule = "cosine"
   config.eval.segment_seconds = 4.0
