@@ -11,7 +11,8 @@ An inference export is a directory holding
 Training state lives under `<workdir>/checkpoints` in an Orbax `CheckpointManager` with two items
 per step: `state` (the TrainState pytree: step, params, EMA, optimiser state, rng, skipped count)
 and `meta` (JSON: the data-pipeline position and anything else the launcher wants to keep). The
-last `keep_last` steps and the best `keep_best` by validation uSDR are kept.
+last `keep_last` steps (at least the latest one, which resuming needs) and the best `keep_best`
+by validation uSDR are kept.
 """
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
   JSON-serialisable. Returns the absolute path of the export.
   """
   directory = os.path.abspath(os.fspath(directory))
+  content = dict(format=EXPORT_FORMAT, version=EXPORT_VERSION, model=config.to_dict(),
+                 metadata=dict(metadata or {}))
+  try:
+    json.dumps(content)
+  except TypeError as e:  # checked before a previous export is touched
+    raise TypeError(f"save_inference: metadata is not JSON-serialisable: {e}") from None
   if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
     if not overwrite:
       raise FileExistsError(f"{directory}: already exists and is not empty; pass overwrite=True "
@@ -63,12 +70,6 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
                             f"{CONFIG_FILE}); refusing to overwrite it")
     os.remove(os.path.join(directory, CONFIG_FILE))
     shutil.rmtree(os.path.join(directory, PARAMS_DIR), ignore_errors=True)
-  content = dict(format=EXPORT_FORMAT, version=EXPORT_VERSION, model=config.to_dict(),
-                 metadata=dict(metadata or {}))
-  try:
-    json.dumps(content)
-  except TypeError as e:
-    raise TypeError(f"save_inference: metadata is not JSON-serialisable: {e}") from None
   os.makedirs(directory, exist_ok=True)
   params = jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -174,6 +175,8 @@ def load_model(path: str, **config_overrides: Any) -> tuple[BSMamba2, Any]:
 
 class TrainingCheckpoints:
   """Training-state checkpoints of one workdir: keep last k and best k by validation uSDR.
+
+  keep_last below 1 counts as 1: the latest step is always kept, so a run can resume.
 
   All processes of a multi-host run must call `save`/`restore` together (Orbax synchronises them).
   """

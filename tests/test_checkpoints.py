@@ -60,6 +60,15 @@ def test_export_refuses_to_overwrite(tmp_path, params):
   assert (other / "notes.txt").read_text() == "keep me"
 
 
+def test_overwrite_with_bad_metadata_keeps_the_previous_export(tmp_path, params):
+  path = str(tmp_path / "export")
+  checkpoints.save_inference(path, CONFIG, params, metadata={"step": 1})
+  doubled = jax.tree_util.tree_map(lambda p: 2 * p, params)
+  with pytest.raises(TypeError, match="metadata is not JSON-serialisable"):
+    checkpoints.save_inference(path, CONFIG, doubled, overwrite=True, metadata={"x": object()})
+  _assert_trees_equal(params, checkpoints.load_model(path)[1])
+
+
 def test_load_model_errors_name_the_path(tmp_path, params):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere"):
