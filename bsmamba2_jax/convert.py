@@ -286,7 +286,12 @@ def _is_power_of_two(n: int) -> bool:
 
 def infer_config(state_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
   """Every hyperparameter that the shapes determine; `overrides` settle what they cannot
-  (hop_length, sample_rate, ngroups, and audio_channels when ambiguous)."""
+  (hop_length, sample_rate, ngroups, and audio_channels when ambiguous).
+
+  Band input sizes are 2·channels·width. A stereo model's sizes also divide as mono ones, so
+  without `audio_channels` the channel count whose n_fft = 2·(bins - 1) is a power of two wins;
+  where neither or both give one, CheckpointError asks for `audio_channels`.
+  """
   sd = _strip_prefix(state_dict)
 
   def shape(key: str) -> tuple[int, ...]:
@@ -313,15 +318,21 @@ def infer_config(state_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
   hidden = shape("mask_estimators.0.to_freqs.0.0.0.weight")[0]
 
   channels = overrides.pop("audio_channels", None)
-  candidates = [channels] if channels else [2, 1]
-  for c in candidates:
-    if all(n % (2 * c) == 0 for n in band_inputs):
-      bins = sum(band_inputs) // (2 * c)
-      if channels or _is_power_of_two(bins - 1):
-        channels = c
-        break
-  else:
-    raise CheckpointError(f"band inputs {band_inputs} fit neither a mono nor a stereo model")
+  fitting = [c for c in ([channels] if channels else [2, 1])
+             if all(n % (2 * c) == 0 for n in band_inputs)]
+  if not fitting:
+    what = f"a {channels}-channel" if channels else "either a mono or a stereo"
+    raise CheckpointError(f"band inputs {band_inputs} do not fit {what} model")
+  if len(fitting) > 1:
+    power_of_two = [c for c in fitting
+                    if _is_power_of_two(sum(band_inputs) // (2 * c) - 1)]
+    if len(power_of_two) != 1:
+      n_ffts = {c: 2 * (sum(band_inputs) // (2 * c) - 1) for c in fitting}
+      raise CheckpointError(f"band inputs {band_inputs} fit a stereo model with n_fft "
+                            f"{n_ffts[2]} and a mono one with n_fft {n_ffts[1]}: pass "
+                            "audio_channels (convert_torch --audio_channels)")
+    fitting = power_of_two
+  channels = fitting[0]
   widths = tuple(n // (2 * channels) for n in band_inputs)
   fields = dict(audio_channels=channels, n_fft=2 * (sum(widths) - 1), band_widths=widths,
                 dim=dim, depth=depth, d_state=bc_width // ngroups, expand=d_inner // dim,

@@ -11,6 +11,9 @@ _CKPT = flags.DEFINE_string("torch_ckpt", None, "Official Lightning .ckpt or bar
 _OUT_DIR = flags.DEFINE_string("output_dir", None, "Where the inference export is written.")
 _EMA = flags.DEFINE_bool("use_ema", False, "Take the EMA weights kept in the optimizer state.")
 _HOP = flags.DEFINE_integer("hop_length", 441, "STFT hop (not stored in the weights).")
+_CHANNELS = flags.DEFINE_enum(
+    "audio_channels", None, ["1", "2"],
+    "Audio channels of the model, where the band shapes leave it open (default: inferred).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export / file.")
 _TO_TORCH = flags.DEFINE_bool("to_torch", False, "Convert an export back to a PyTorch .ckpt.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "With --to_torch: the export to convert.")
@@ -28,8 +31,10 @@ def main(argv):
     else:
       if not (_CKPT.value and _OUT_DIR.value):
         raise app.UsageError("needs --torch_ckpt and --output_dir")
+      channels = {} if _CHANNELS.value is None else dict(audio_channels=int(_CHANNELS.value))
       path = convert.convert_checkpoint(_CKPT.value, _OUT_DIR.value, use_ema=_EMA.value,
-                                        overwrite=_OVERWRITE.value, hop_length=_HOP.value)
+                                        overwrite=_OVERWRITE.value, hop_length=_HOP.value,
+                                        **channels)
   except (convert.CheckpointError, FileExistsError, FileNotFoundError) as e:
     raise SystemExit(f"convert_torch: {e}")
   print(f"wrote {path}")

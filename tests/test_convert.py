@@ -113,6 +113,23 @@ def test_unexpected_key_is_named(micro_state_dict):
     convert.params_from_torch_state_dict(sd)
 
 
+def test_channels_of_a_non_power_of_two_n_fft_are_asked_for_then_used():
+  """n_fft 200 stereo: the band sizes also fit mono (n_fft 402) and neither is a power of two."""
+  config = ModelConfig.preset("tiny", dim=16, depth=1, d_state=16, expand=2, headdim=16,
+                              n_fft=200, hop_length=50, band_widths=(50, 51))
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(config))
+  sd = convert.params_to_torch_state_dict(config, params)
+  with pytest.raises(convert.CheckpointError,
+                     match="stereo model with n_fft 200 and a mono one with n_fft 402: pass "
+                           "audio_channels"):
+    convert.infer_config(sd, hop_length=50)
+  inferred = convert.infer_config(sd, hop_length=50, audio_channels=2)
+  assert (inferred.audio_channels, inferred.n_fft, inferred.band_widths) == (2, 200, (50, 51))
+  with pytest.raises(convert.CheckpointError, match="do not fit a 2-channel model"):
+    convert.infer_config({**sd, "model.band_split.to_features.1.0.gamma": np.ones(6, np.float32)},
+                         hop_length=50, audio_channels=2)
+
+
 def test_shape_inference_failure_is_named():
   with pytest.raises(convert.CheckpointError, match="missing key 'band_split.to_features.0.0.gamma'"):
     convert.params_from_torch_state_dict({"model.final_norm.gamma": np.ones(4, np.float32)})
