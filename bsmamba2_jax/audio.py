@@ -11,7 +11,8 @@ backward. The transforms always run in float32 / complex64, whatever the input
 dtype, so a bf16 model still sees an fp32 front end.
 
 Shapes: waveforms (..., samples); spectra (..., n_fft // 2 + 1, frames) with
-frames = 1 + samples // hop_length.
+frames = 1 + (samples + 2 · (n_fft // 2) - n_fft) // hop_length, which is
+1 + samples // hop_length for an even n_fft (odd n_fft frame one sample less).
 """
 
 import functools
@@ -79,7 +80,8 @@ def stft(x, n_fft: int = 2048, hop_length: int = 441, win_length=None):
     n_fft, hop_length, win_length: static ints (win_length defaults to n_fft).
 
   Returns:
-    (..., n_fft // 2 + 1, 1 + samples // hop_length) complex64.
+    (..., n_fft // 2 + 1, frames) complex64, frames = 1 + samples // hop_length
+    for an even n_fft (the module docstring gives the general count).
   """
   win_length = _check_params("stft", n_fft, hop_length, win_length)
   x = jnp.asarray(x)
@@ -122,7 +124,7 @@ def istft(spec, n_fft: int = 2048, hop_length: int = 441, length=None,
     spec: (..., n_fft // 2 + 1, frames) complex.
     n_fft, hop_length, win_length: static ints (win_length defaults to n_fft).
     length: static int, output samples; default n_fft // 2 removed from both
-      ends, i.e. hop_length * (frames - 1).
+      ends, i.e. hop_length * (frames - 1) (+1 for an odd n_fft), as torch.
 
   Returns:
     (..., length) float32.

@@ -108,6 +108,10 @@ def evaluate(separator, data_dir: str, split: str = "test", *, progress: bool = 
   Returns {"tracks": per-track rows, "aggregate": median/mean/count per score,
   "baseline": the same for the mixture-as-estimate, "sparse": the vocal-activity breakdown,
   "failed": [{"track", "error"}] of tracks that could not be scored (logged, left out)}.
+  The split is listed first: a track folder with a missing or unreadable stem header raises
+  `data_pipeline.musdb.MusdbError` naming the file before anything is separated (a score over
+  an incomplete test set would not be comparable); "failed" holds the tracks that fail later,
+  while their audio is read, separated or scored.
   """
   from tqdm import tqdm
 

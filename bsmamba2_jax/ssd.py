@@ -53,6 +53,8 @@ def _check_inputs(x, dt, A, B, C, D, initial_state, method, chunk_size):
   if x.ndim != 4:
     raise ValueError(f"ssd_scan: x must be (batch, seqlen, nheads, headdim), got shape {x.shape}")
   batch, seqlen, nheads, headdim = x.shape
+  if seqlen < 1:
+    raise ValueError(f"ssd_scan: x has no time steps (shape {x.shape}); seqlen must be >= 1")
   if dt.shape != (batch, seqlen, nheads):
     raise ValueError(f"ssd_scan: dt must be (batch, seqlen, nheads) = {(batch, seqlen, nheads)}, "
                      f"got {dt.shape}")
@@ -376,7 +378,7 @@ def ssd_scan(x, dt, A, B, C, D=None, *, method="chunked", chunk_size=64, initial
     C: (batch, seqlen, ngroups, d_state) output projections.
     D: optional (nheads,) skip weights (y += D_h · x).
     method: "chunked" (default), "associative" or "sequential"; all exact (static under jit).
-    chunk_size: longest chunk Q of the "chunked" method (static); any seqlen works.
+    chunk_size: longest chunk Q of the "chunked" method (static); any seqlen >= 1 works.
     initial_state: optional (batch, nheads, headdim, d_state) state before step 0 (zeros if None).
     return_final_state: also return the state after the last step.
 

@@ -140,6 +140,8 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if max_examples is not None and max_examples < 1:
+    raise ValueError(f"max_examples must be >= 1 (or None for every window), got {max_examples}")
   segment = _segment_samples(segment_seconds)
   tracks = musdb.MusdbDataset(data_dir).tracks(split)
   if not tracks:
@@ -148,7 +150,7 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
     raise ValueError(f"{data_dir}: the '{split}' split has no tracks{where}")
   windows = mixing.validation_windows(tracks, segment)
   if max_examples is not None and max_examples < len(windows):
-    keep = np.unique(np.linspace(0, len(windows) - 1, max(max_examples, 1)).round().astype(int))
+    keep = np.unique(np.linspace(0, len(windows) - 1, max_examples).round().astype(int))
     windows = [windows[i] for i in keep]
   if not windows:
     raise ValueError(f"{data_dir}: no {segment_seconds:g}-s window in the '{split}' split")

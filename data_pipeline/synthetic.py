@@ -4,7 +4,8 @@ MUSDB18-HQ cannot be downloaded here, so this module writes a stand-in with the 
 layout, `<root>/{train,test}/<track>/{mixture,vocals,drums,bass,other}.wav` (44.1 kHz stereo
 float WAV, mixture = sum of the four stems), plus `<root>/validation_tracks.txt` (the train
 tracks that form the validation split, read by `data_pipeline.musdb.MusdbDataset`) and
-`<root>/synthetic_manifest.json` (the parameters; written last, so it marks a complete dataset).
+`<root>/synthetic_manifest.json` (the parameters, written first with "complete": false and
+rewritten with true after the last file, so it marks a complete dataset).
 
 Every song has a key, tempo and a one-chord-per-bar progression shared by all stems:
   vocals  a source-filter singing voice: a band-limited sawtooth glottal source following a

@@ -127,3 +127,17 @@ def test_bad_input_gives_clear_errors():
   with pytest.raises(ValueError, match="NOLA"):
     audio.istft(np.zeros((129, 5), np.complex64), 256, 256, length=800,
                 win_length=128)
+
+
+@pytest.mark.parametrize("n_fft,hop,n", [(7, 3, 9), (255, 64, 1001)])
+def test_odd_n_fft_frames_and_default_length_follow_torch(n_fft, hop, n):
+  """Odd n_fft: frames = 1 + (n + 2·(n_fft // 2) - n_fft) // hop, one sample short of the even
+  count's framing; the default iSTFT length is hop·(frames - 1) + 1, as torch.istft gives."""
+  x = _signal((2,), n, seed=2)
+  spec = audio.stft(x, n_fft, hop)
+  frames = 1 + (n - 1) // hop
+  assert spec.shape == (2, n_fft // 2 + 1, frames)
+  ref = numpy_stft(x, n_fft, hop, n_fft)
+  np.testing.assert_allclose(np.asarray(spec), ref, atol=1e-4 * np.abs(ref).max())
+  assert audio.istft(spec, n_fft, hop).shape == (2, hop * (frames - 1) + 1)
+  np.testing.assert_allclose(np.asarray(audio.istft(spec, n_fft, hop, length=n)), x, atol=1e-5)

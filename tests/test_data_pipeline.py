@@ -90,6 +90,8 @@ def test_validation_iterator(root):
   np.testing.assert_array_equal(spread[1]["vocals"][0], track.read("vocals", 2 * 88200, 88200))
   with pytest.raises(ValueError, match="no 10-s window in the 'valid' split"):
     pipeline.validation_iterator(root, segment_seconds=10.0)
+  with pytest.raises(ValueError, match="max_examples must be >= 1"):
+    pipeline.validation_iterator(root, segment_seconds=2.0, max_examples=0)
 
 
 def test_a_failing_example_raises_its_own_error(root, monkeypatch):

@@ -235,6 +235,8 @@ def test_static_options_under_an_outer_jit():
     (dict(initial_state=np.zeros((2, 4, 3, 4))), "initial_state must be"),
     (dict(method="parallel"), "unknown method"),
     (dict(chunk_size=0), "chunk_size must be"),
+    (dict(x=np.zeros((2, 0, 4, 3)), dt=np.zeros((2, 0, 4)), B=np.zeros((2, 0, 1, 5)),
+          C=np.zeros((2, 0, 1, 5))), "no time steps"),
 ])
 def test_bad_input_names_the_problem(change, message):
   args = dict(x=np.zeros((2, 5, 4, 3)), dt=np.zeros((2, 5, 4)), A=np.zeros(4),
