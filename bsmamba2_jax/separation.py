@@ -496,7 +496,7 @@ class _Writer:
     directory, name = os.path.split(path)
     directory = directory or "."
     self._created = []  # folders made here, deepest first, removed again by abort()
-    parent = directory
+    parent = os.path.abspath(directory)  # a relative path would walk down to "", never existing
     while not os.path.exists(parent):
       self._created.append(parent)
       parent = os.path.dirname(parent)

@@ -215,6 +215,28 @@ def test_file_roundtrip_keeps_rate_channels_and_length(tmp_path, rate, channels)
   assert not glob.glob(str(tmp_path / "out" / "**" / ".*partial*"), recursive=True)
 
 
+def test_relative_output_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
+  """`--output_dir=separated` from the current folder (README's example): the folders are made.
+  An alarm turns a regression (the parent walk once looped forever on "") into a failure."""
+  import signal
+
+  def hung(*args):
+    raise TimeoutError("separate_files did not return")
+  monkeypatch.chdir(tmp_path)
+  write(str(tmp_path / "in" / "song.wav"), noise(2, 4410, seed=4), RATE)
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(120)
+  try:
+    [result] = separation.separate_files(
+        [os.path.join("in", "song.wav")], separator=Separator(Recorder(), segment=0.05),
+        output_dir=os.path.join("separated", "run1"), progress=False)
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+  assert result.error is None
+  assert sf.info(str(tmp_path / "separated" / "run1" / "song" / "vocals.wav")).frames == 4410
+
+
 def test_inputs_folders_globs_formats_and_template(tmp_path):
   x = noise(2, 9000)
   write(str(tmp_path / "in" / "a.wav"), x, RATE)
