@@ -3,7 +3,8 @@
 Three process-level settings are made before any launcher starts JAX:
 
 - importing `bsmamba2_jax` first sets its XLA:CPU flags (see `bsmamba2_jax._tune_xla_cpu`);
-- `python -m experiments.<launcher>` restarts itself once with glibc's malloc on transparent
+- `python -m experiments.<launcher>` (and the console scripts of `CONSOLE_SCRIPTS`, the same
+  programs) restarts itself once with glibc's malloc on transparent
   huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, see `huge_pages_environment`): XLA:CPU
   allocates fresh buffers on every call, and with 4-KiB pages the kernel faults in every page
   each time. On the 2-core VM a 211-MB elementwise op went 89 -> 22 ms, the chunked scan's
@@ -22,15 +23,18 @@ import sys
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+# pyproject.toml's [project.scripts]: script name -> the launcher module it runs.
+CONSOLE_SCRIPTS = {"bsmamba2-separate": "experiments.separate"}
 
 
 def _launcher(orig_argv) -> str | None:
-  """The module of `python -m experiments.<name>` in `orig_argv`, or None for anything else."""
-  try:
-    module = orig_argv[orig_argv.index("-m") + 1]
-  except (ValueError, IndexError):
-    return None
-  return module if module.startswith("experiments.") else None
+  """The launcher module `orig_argv` runs: `python -m experiments.<name>` or a console script
+  (`python /path/bin/bsmamba2-separate ...`, as its shebang starts it); None for anything else."""
+  if "-m" in orig_argv:
+    module = orig_argv[orig_argv.index("-m") + 1] if orig_argv[-1] != "-m" else ""
+    return module if module.startswith("experiments.") else None
+  script = os.path.basename(orig_argv[1]) if len(orig_argv) > 1 else ""
+  return CONSOLE_SCRIPTS.get(script)
 
 
 def huge_pages_environment(environ, orig_argv, thp_setting, libc):
@@ -60,10 +64,11 @@ def huge_pages_environment(environ, orig_argv, thp_setting, libc):
 def _relaunch_with_huge_pages():
   """Replaces this process by the same command under `huge_pages_environment`, if it asks to.
 
-  Runs while `python -m` is still importing this package (sys.argv[0] == "-m"), so nothing
-  else has started: no JAX, no threads, no output.
+  Runs while `python -m` is still importing this package (sys.argv[0] == "-m") or a console
+  script's first import is, so nothing else has started: no JAX, no threads, no output.
   """
-  if sys.argv[:1] != ["-m"] or not sys.platform.startswith("linux"):
+  starting = sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0]) in CONSOLE_SCRIPTS
+  if not starting or not sys.platform.startswith("linux"):
     return
   try:
     with open(THP_SETTING) as f:

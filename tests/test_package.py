@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from experiments import THP_SETTING, compilation_cache_dir, huge_pages_environment
+from experiments import (CONSOLE_SCRIPTS, THP_SETTING, compilation_cache_dir,
+                         huge_pages_environment)
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 SHOW = "import os, bsmamba2_jax; print(os.environ.get('XLA_FLAGS', ''))"
@@ -40,9 +41,20 @@ MADVISE = "always [madvise] never\n"
 GLIBC = ("glibc", "2.36")
 
 
+SCRIPT = ["/venv/bin/python3", "/venv/bin/bsmamba2-separate", "--input=song.wav"]
+
+
+def test_console_scripts_are_the_launchers_pyproject_names():
+  import tomllib
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert {name: target.split(":")[0] for name, target in scripts.items()} == CONSOLE_SCRIPTS
+
+
 def test_launchers_restart_on_huge_pages_and_keep_other_tunables():
   env = huge_pages_environment({"HOME": "/h"}, LAUNCH, MADVISE, GLIBC)
   assert env == {"HOME": "/h", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert huge_pages_environment({"HOME": "/h"}, SCRIPT, MADVISE, GLIBC) == env
   env = huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, LAUNCH, MADVISE,
                                GLIBC)
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
@@ -53,6 +65,8 @@ def test_launchers_restart_on_huge_pages_and_keep_other_tunables():
     ({"BSMAMBA2_HUGE_PAGES": "0"}, LAUNCH, MADVISE, GLIBC),                  # opted out
     ({}, ["python", "-m", "pytest"], MADVISE, GLIBC),                        # not a launcher
     ({}, ["python", "-c", "pass"], MADVISE, GLIBC),
+    ({}, ["python", "/venv/bin/other-tool"], MADVISE, GLIBC),
+    ({}, ["python", "-m"], MADVISE, GLIBC),
     ({}, LAUNCH, "always madvise [never]\n", GLIBC),                         # THP off
     ({}, LAUNCH, "", GLIBC),                                                 # no THP at all
     ({}, LAUNCH, MADVISE, ("glibc", "2.31")),                                # no such tunable
@@ -84,6 +98,7 @@ def test_a_launcher_really_runs_with_the_tunable(tmp_path):
     ({"HOME": "/h"}, LAUNCH, "/h/.cache/bsmamba2_jax/xla"),
     ({"HOME": "/h", "XDG_CACHE_HOME": "/c"}, LAUNCH, "/c/bsmamba2_jax/xla"),
     ({"BSMAMBA2_COMPILATION_CACHE": "/mine"}, LAUNCH, "/mine"),
+    ({"HOME": "/h"}, SCRIPT, "/h/.cache/bsmamba2_jax/xla"),                # console script
     ({"BSMAMBA2_COMPILATION_CACHE": "0"}, LAUNCH, None),                    # opted out
     ({"JAX_COMPILATION_CACHE_DIR": "/jax"}, LAUNCH, None),                  # JAX's own setting
     ({}, ["python", "-m", "experiments.benchmark"], None),                  # times compiles
