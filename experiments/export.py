@@ -34,11 +34,14 @@ def restore_state(workdir: str, *, step: int | None = None, best: bool = False):
   experiment = train.Experiment(read_config(workdir))
   manager = checkpoints.TrainingCheckpoints(os.path.join(workdir, "checkpoints"))
   try:
-    if best:
-      step = manager.best_step()
     available = manager.all_steps()
     if not available:
       raise FileNotFoundError(f"{workdir}: no training checkpoint in checkpoints/")
+    if best:
+      step = manager.best_step()
+      if step is None:
+        raise ValueError(f"{workdir}: no checkpoint has a validation score yet (steps "
+                         f"{available}); export one by --step, or the latest without --best")
     if step is not None and step not in available:
       raise ValueError(f"{workdir}: no checkpoint at step {step}; have {available}")
     state, _ = manager.restore(experiment.abstract_state(), step=step)

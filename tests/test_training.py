@@ -420,3 +420,20 @@ def test_bfloat16_on_cpu_is_warned_about_before_any_data_is_read(tmp_path, caplo
   assert len(warned) == (1 if jax.default_backend() == "cpu" else 0), caplog.text
   if warned:
     assert "--config.precision=auto" in warned[0]
+
+
+def test_export_best_without_any_validation_score_is_refused(tmp_path):
+  """A run stopped before its first validation has no best step: --best says so instead of
+  quietly exporting the latest."""
+  import json
+
+  from bsmamba2_jax import checkpoints
+  from experiments import export
+  from experiments.configs import tiny
+  (tmp_path / "config.json").write_text(json.dumps(tiny.get_config().to_dict()))
+  manager = checkpoints.TrainingCheckpoints(str(tmp_path / "checkpoints"))
+  for step in (1, 2):
+    manager.save(step, {"w": np.full(3, step, np.float32)}, meta={"data_position": step})
+  manager.close()
+  with pytest.raises(ValueError, match=r"no checkpoint has a validation score yet \(steps \[1, 2\]\)"):
+    export.restore_state(str(tmp_path), best=True)
