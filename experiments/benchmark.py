@@ -1,7 +1,7 @@
 """Benchmarks: `python -m experiments.benchmark [--only=scan,scaling,...] [--mode=default|full]`.
 
 Each section lives in `experiments/benchmarks/<name>.py` and exposes `run() -> (rows, markdown)`
-(or `run(mode)`). With no flags every section runs in mode "default" (sized for ~10 minutes on
+(or `run(mode)`). With no flags every section runs in mode "default" (about 15 minutes on
 a 2-core CPU; "full" measures paper sizes, "smoke" microscopic ones). The report goes to stdout
 and to `benchmarks/results/<date>-<host>.{json,md}` with PNG plots beside them
 (`experiments/benchmarks/report.py`).
@@ -17,7 +17,7 @@ SECTIONS = ("scan", "scaling", "peers", "limit", "forward", "train", "separate",
 
 _ONLY = flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, from {SECTIONS}.")
 _MODE = flags.DEFINE_enum("mode", "default", report.MODES,
-                          "Sizes: smoke (tests), default (~10 min on CPU), full (paper sizes).")
+                          "Sizes: smoke (tests), default (~15 min on a 2-core CPU), full (paper sizes).")
 _OUT = flags.DEFINE_string("output_dir", "benchmarks/results", "Where the report is written.")
 
 

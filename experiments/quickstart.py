@@ -36,7 +36,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.py"),
     "Experiment config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "quickstart_workdir", "Folder for everything made.")
-_MINUTES = flags.DEFINE_float("minutes", 15.0, "Training budget (wall clock, all runs together).")
+_MINUTES = flags.DEFINE_float(
+    "minutes", 15.0, "Training budget (wall clock, all runs together, compilation included): "
+    "training stops at the first step past it, then validates once; evaluation, export and "
+    "separation come on top.")
 _SEED = flags.DEFINE_integer("seed", None, "Random seed of data and training (default: config's).")
 
 BUDGET_FILE = "budget.json"  # under W/train: minutes of training spent by earlier runs
