@@ -65,9 +65,10 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
     if not overwrite:
       raise FileExistsError(f"{directory}: already exists and is not empty; pass overwrite=True "
                             "(--overwrite) to replace a previous export")
-    if not os.path.isfile(os.path.join(directory, CONFIG_FILE)):
-      raise FileExistsError(f"{directory}: exists and is not a bsmamba2-jax export (no "
-                            f"{CONFIG_FILE}); refusing to overwrite it")
+    if not _is_export(directory):
+      raise FileExistsError(f"{directory}: exists and is not a bsmamba2-jax export (its "
+                            f"{CONFIG_FILE} is missing or is not an export's, e.g. a training "
+                            "workdir); refusing to overwrite it")
     os.remove(os.path.join(directory, CONFIG_FILE))
     shutil.rmtree(os.path.join(directory, PARAMS_DIR), ignore_errors=True)
   os.makedirs(directory, exist_ok=True)
@@ -95,6 +96,16 @@ def check_params(path: str, config: ModelConfig, params: Any) -> None:
     if shape != tuple(spec.shape):
       raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(key)} has shape {shape}, "
                             f"the config needs {tuple(spec.shape)}")
+
+
+def _is_export(directory: str) -> bool:
+  """Whether `directory` holds an export's config.json (of any version)."""
+  try:
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+      content = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return False
+  return isinstance(content, dict) and content.get("format") == EXPORT_FORMAT
 
 
 def _read_export_config(path: str) -> tuple[ModelConfig, dict]:

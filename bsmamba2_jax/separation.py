@@ -354,9 +354,16 @@ def find_inputs(patterns: Sequence[str],
       return []
     if os.path.isfile(path):
       return [path] if path.lower().endswith(AUDIO_EXTENSIONS) else []
-    matches = []
-    for root, folders, names in os.walk(path):
-      folders[:] = [f for f in folders if not excluded(os.path.join(root, f))]  # not entered
+    matches, visited = [], {os.path.realpath(path)}
+    for root, folders, names in os.walk(path, followlinks=True):
+      # Not entered: the output folder, and folders seen before (symlink loops, two links).
+      kept = []
+      for f in folders:
+        real = os.path.realpath(os.path.join(root, f))
+        if not excluded(os.path.join(root, f)) and real not in visited:
+          visited.add(real)
+          kept.append(f)
+      folders[:] = kept
       matches += [os.path.join(root, name) for name in names
                   if name.lower().endswith(AUDIO_EXTENSIONS)]
     return matches
@@ -372,6 +379,9 @@ def find_inputs(patterns: Sequence[str],
       besides = (" besides the output folder's" if exclude is not None
                  and _is_within(exclude, pattern) else "")
       problem = f"folder holds no audio files{besides} ({extensions})"
+      if excluded(pattern):
+        problem = (f"folder lies inside the output folder {exclude}, whose files are never "
+                   "searched for inputs; name the files, or choose another output folder")
     else:
       hits = glob.glob(pattern, recursive=True)
       matches = [p for match in hits for p in searched(match)]
@@ -407,6 +417,10 @@ def check_template(template: str):
                      f"use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
   if "stem" not in fields:
     raise ValueError(f"output template {template!r} must contain {{stem}} (one file per stem)")
+  parts = template.replace("\\", "/").split("/")
+  if os.path.isabs(template) or ".." in parts:
+    raise ValueError(f"output template {template!r} must stay inside the output folder: a "
+                     "relative path without '..'")
 
 
 def wav_header_frames(path: str) -> int | None:
@@ -444,7 +458,7 @@ class _Reader:
     if os.path.getsize(path) == 0:
       raise InputError(f"{path}: empty file (0 bytes)")
     try:
-      self._file = sf.SoundFile(path)
+      self._file = sf.SoundFile(os.fsencode(path))  # names that are not UTF-8 too
       self.sample_rate, self.channels = self._file.samplerate, self._file.channels
       self.frames = self._file.frames
     except Exception as sf_error:  # pylint: disable=broad-except
@@ -507,8 +521,9 @@ class _Writer:
     self.clipped = 0
     self._file = None
     try:
-      self._file = sf.SoundFile(self._tmp, "w", samplerate=sample_rate, channels=channels,
-                                format=fmt.upper(), subtype=SUBTYPES[fmt, bit_depth])
+      self._file = sf.SoundFile(os.fsencode(self._tmp), "w", samplerate=sample_rate,
+                                channels=channels, format=fmt.upper(),
+                                subtype=SUBTYPES[fmt, bit_depth])
     except (RuntimeError, OSError) as e:
       self._remove_folders()
       raise self._error(e) from None

@@ -23,15 +23,24 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{workdir}: not a training workdir (no config.json)")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except json.JSONDecodeError as e:
+      content = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: corrupted config ({e})") from None
+  if not isinstance(content, dict) or content.get("format") == checkpoints.EXPORT_FORMAT:
+    raise ValueError(f"{workdir}: an inference export, not a training workdir; it needs no "
+                     "export (separate and evaluate load it as it is)")
+  missing = [key for key in ("model", "data", "train", "optimizer") if key not in content]
+  if missing:
+    raise ValueError(f"{path}: not a training run's config (no {', '.join(missing)})")
+  return ml_collections.ConfigDict(content)
 
 
 def restore_state(workdir: str, *, step: int | None = None, best: bool = False):
   """The host TrainState saved in `workdir` at `step` (default latest; `best`: best uSDR)."""
   from experiments import train  # pylint: disable=g-import-not-at-top
   experiment = train.Experiment(read_config(workdir))
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # the manager would create it
+    raise FileNotFoundError(f"{workdir}: no training checkpoint in checkpoints/")
   manager = checkpoints.TrainingCheckpoints(os.path.join(workdir, "checkpoints"))
   try:
     available = manager.all_steps()

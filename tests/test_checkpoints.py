@@ -58,6 +58,12 @@ def test_export_refuses_to_overwrite(tmp_path, params):
   with pytest.raises(FileExistsError, match="not a bsmamba2-jax export"):
     checkpoints.save_inference(str(other), CONFIG, params, overwrite=True)
   assert (other / "notes.txt").read_text() == "keep me"
+  workdir = tmp_path / "training_run"  # a training workdir's config.json is not an export's
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"model": {"preset": "tiny"}, "train": {}}')
+  with pytest.raises(FileExistsError, match="not a bsmamba2-jax export"):
+    checkpoints.save_inference(str(workdir), CONFIG, params, overwrite=True)
+  assert (workdir / "config.json").read_text() == '{"model": {"preset": "tiny"}, "train": {}}'
 
 
 def test_overwrite_with_bad_metadata_keeps_the_previous_export(tmp_path, params):

@@ -257,6 +257,8 @@ def test_inputs_folders_globs_formats_and_template(tmp_path):
     (dict(fmt="flac", bit_depth="32f"), "FLAC has no 32-bit float"),
     (dict(template="{track}.{ext}"), "must contain {stem}"),
     (dict(template="{song}/{stem}.{ext}"), "unknown field"),
+    (dict(template="/elsewhere/{stem}.{ext}"), "must stay inside the output folder"),
+    (dict(template="../{track}/{stem}.{ext}"), "must stay inside the output folder"),
 ])
 def test_bad_options_are_rejected_up_front(tmp_path, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -373,6 +375,29 @@ def test_inputs_are_found_once_and_globs_search_folders(tmp_path):
   assert sorted(os.path.basename(p) for p in paths) == ["other.flac", "song.wav"] and not missing
   _, [failure] = separation.find_inputs([str(tmp_path / "in" / "*.jpg")])
   assert "matches no audio files" in failure.error
+
+
+def test_folder_search_follows_symlinked_folders_once_and_names_nesting(tmp_path):
+  write(str(tmp_path / "elsewhere" / "x" / "b.wav"), noise(2, 9000), RATE)
+  write(str(tmp_path / "albums" / "a.wav"), noise(2, 9000), RATE)
+  os.symlink(tmp_path / "elsewhere" / "x", tmp_path / "albums" / "linked")
+  os.symlink(tmp_path / "albums", tmp_path / "albums" / "loop")  # a cycle is entered once
+  paths, missing = separation.find_inputs([str(tmp_path / "albums")])
+  assert sorted(os.path.basename(p) for p in paths) == ["a.wav", "b.wav"] and not missing
+  write(str(tmp_path / "io" / "out" / "c.wav"), noise(2, 9000), RATE)
+  _, [failure] = separation.find_inputs([str(tmp_path / "io" / "out")],
+                                        exclude=str(tmp_path / "io"))
+  assert "lies inside the output folder" in failure.error
+
+
+def test_names_that_are_not_utf8_are_read_and_written(tmp_path):
+  folder = os.fsencode(str(tmp_path / "in"))
+  os.makedirs(folder)
+  name = os.fsdecode(os.path.join(folder, b"caf\xe9.wav"))
+  sf.write(os.fsencode(name), noise(2, 9000).T, RATE, subtype="FLOAT")
+  [result] = run_files(tmp_path, [name])
+  assert result.error is None, result.error
+  assert sf.info(os.fsencode(result.outputs["vocals"])).frames == 9000
 
 
 def test_write_errors_name_the_output(tmp_path, monkeypatch):

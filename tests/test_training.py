@@ -437,3 +437,29 @@ def test_export_best_without_any_validation_score_is_refused(tmp_path):
   manager.close()
   with pytest.raises(ValueError, match=r"no checkpoint has a validation score yet \(steps \[1, 2\]\)"):
     export.restore_state(str(tmp_path), best=True)
+
+
+def test_export_names_what_a_workdir_is_not(tmp_path):
+  """An export, a foreign JSON or a run without checkpoints is named in one error, and nothing is
+  created in the folder."""
+  import json
+
+  from bsmamba2_jax import checkpoints
+  from experiments import export
+  from experiments.configs import tiny
+  an_export = tmp_path / "an_export"
+  an_export.mkdir()
+  (an_export / "config.json").write_text(json.dumps({"format": checkpoints.EXPORT_FORMAT}))
+  with pytest.raises(ValueError, match="an inference export, not a training workdir"):
+    export.restore_state(str(an_export))
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "config.json").write_text('{"model": {}}')
+  with pytest.raises(ValueError, match=r"not a training run's config \(no data, train, optimizer\)"):
+    export.restore_state(str(foreign))
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  (fresh / "config.json").write_text(json.dumps(tiny.get_config().to_dict()))
+  with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+    export.restore_state(str(fresh))
+  assert os.listdir(fresh) == ["config.json"]
