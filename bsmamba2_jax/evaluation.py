@@ -197,7 +197,9 @@ def markdown_report(results: dict[str, Any], study: Sequence[dict] | None = None
 
 
 def _write_csv(path: str, rows: Sequence[dict]):
-  with open(path, "w", newline="") as f:
+  # Track names that are not UTF-8 (musdb.Track keeps them as os.fsdecode gives them) are
+  # written back as their original bytes.
+  with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
     fields = list(dict.fromkeys(k for r in rows for k in r))  # empty buckets lack scores
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -209,7 +211,7 @@ def _plot_tracks(path: str, rows: Sequence[dict]):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  names = [r["track"] for r in rows]
+  names = [r["track"].encode("utf-8", "backslashreplace").decode() for r in rows]
   x = np.arange(len(rows))
   fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4))
   for i, key in enumerate(SCORES):
@@ -268,7 +270,7 @@ def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict
     written += ["segment_study.csv", "sdr_vs_segment.png"]
   with open(path("results.json"), "w") as f:
     json.dump(dict(results, segment_study=list(study or [])), f, indent=1)
-  with open(path("results.md"), "w") as f:
+  with open(path("results.md"), "w", encoding="utf-8", errors="surrogateescape") as f:
     f.write("# Evaluation\n\n" + markdown_report(results, study) + "\n")
   return [path(f) for f in written + ["results.json", "results.md"]]
 
@@ -284,10 +286,22 @@ def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "
   from bsmamba2_jax import checkpoints
   from bsmamba2_jax.separation import Separator
 
+  from data_pipeline.musdb import split_folder_holding
+
   # Everything that can be checked before the long run is (the output folder again on writing).
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise FileExistsError(f"{output_dir}: exists and is not a folder; choose another "
                           "--output_dir")
+  inside = split_folder_holding(data_dir, output_dir)
+  if inside:
+    raise ValueError(f"{output_dir}: the output folder lies inside the dataset's {inside}, "
+                     "where it would be listed as a track; choose another --output_dir")
+  parent = os.path.abspath(output_dir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f"{output_dir}: cannot be written ({parent} is not a writable "
+                          "folder); choose another --output_dir")
   existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
   if existing and not overwrite:
     raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "

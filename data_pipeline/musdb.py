@@ -38,6 +38,17 @@ MUSDB_VALIDATION_TRACKS = (
 )
 
 
+def split_folder_holding(data_dir: str, path: str) -> str | None:
+  """The `train/` or `test/` folder of `data_dir` that `path` lies in (where a folder would be
+  listed as a track), else None. Symlinks are resolved."""
+  real = os.path.realpath(path)
+  for folder in ("train", "test"):
+    split = os.path.realpath(os.path.join(data_dir, folder))
+    if real == split or real.startswith(split + os.sep):
+      return os.path.join(data_dir, folder)
+  return None
+
+
 class MusdbError(ValueError):
   """A MUSDB18-HQ folder, track or file that cannot be used; the message names the path."""
 

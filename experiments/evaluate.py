@@ -49,7 +49,7 @@ def main(argv):
         segment=_SEGMENT.value, overlap=_OVERLAP.value, batch_size=_BATCH_SIZE.value,
         segments=segments, max_tracks=_MAX_TRACKS.value, overwrite=_OVERWRITE.value,
         progress=_PROGRESS.value)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, OSError) as e:  # bad paths, data or settings: one line
     logging.error("%s", e)
     sys.exit(2)
   print(evaluation.markdown_report(results, study))

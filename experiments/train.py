@@ -242,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   final validation runs. The summary holds step, stop reason, last loss, skipped steps, speed,
   the last validation metrics and `state` (the final host TrainState).
   """
-  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  from data_pipeline import musdb, pipeline  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   _initialize_distributed(config)
   if not config.data.dir:
@@ -252,6 +252,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     "model's training step slower than in float32; --config.precision=auto "
                     "(or float32) trains faster here", config.precision)
   workdir = os.path.abspath(workdir)
+  inside = musdb.split_folder_holding(config.data.dir, workdir)
+  if inside:
+    raise ValueError(f"{workdir}: the workdir lies inside the dataset's {inside}, where it would "
+                     "be listed as a track; choose a --workdir outside it")
   _prepare_workdir(config, workdir)
   _maybe_generate_data(config)
   # Bad data fails now, before the model is built, not at the first step or after training.

@@ -133,6 +133,26 @@ def test_reports_are_written_and_never_overwritten(dataset, tmp_path):
   with pytest.raises(FileExistsError, match="pass --overwrite"):
     evaluation.write_results(out, results, study)
   evaluation.write_results(out, results, None, overwrite=True)
+  # A track folder whose name is not UTF-8 (os.fsdecode keeps its bytes as surrogates).
+  odd = os.fsdecode(b"caf\xe9")
+  results["tracks"][0] = dict(results["tracks"][0], track=odd)
+  evaluation.write_results(out, results, None, overwrite=True)
+  with open(os.path.join(out, "per_track.csv"), "rb") as f:
+    assert b"caf\xe9," in f.read()
+
+
+def test_output_folder_problems_fail_before_the_model_is_loaded(dataset, tmp_path, monkeypatch):
+  from bsmamba2_jax import checkpoints
+
+  def not_yet(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output folder was checked")
+  monkeypatch.setattr(checkpoints, "load_model", not_yet)
+  with pytest.raises(ValueError, match="lies inside the dataset's .*test"):
+    evaluation.run("unused", dataset, "test", os.path.join(dataset, "test", "eval"))
+  blocker = tmp_path / "afile"
+  blocker.write_text("")
+  with pytest.raises(PermissionError, match="is not a writable folder"):
+    evaluation.run("unused", dataset, "test", str(blocker / "eval"))
 
 
 @pytest.fixture(scope="module")

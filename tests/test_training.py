@@ -463,3 +463,15 @@ def test_export_names_what_a_workdir_is_not(tmp_path):
   with pytest.raises(FileNotFoundError, match="no training checkpoint"):
     export.restore_state(str(fresh))
   assert os.listdir(fresh) == ["config.json"]
+
+
+def test_workdir_inside_the_dataset_is_refused_before_anything_is_written(tmp_path, data_dir):
+  from experiments import train
+  from experiments.configs import tiny
+  config = tiny.get_config()
+  config.data.dir = str(data_dir)
+  config.data.synthetic.generate = False
+  workdir = os.path.join(str(data_dir), "train", "run")
+  with pytest.raises(ValueError, match="lies inside the dataset's .*train"):
+    train.train_and_evaluate(config, workdir, progress=False)
+  assert not os.path.exists(workdir)
