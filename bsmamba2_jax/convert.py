@@ -437,12 +437,22 @@ def export_torch_checkpoint(export_dir: str, output_path: str, *, overwrite: boo
     raise CheckpointError("writing a PyTorch checkpoint needs torch "
                           "(pip install 'bsmamba2-jax[torch]')") from None
   from bsmamba2_jax.checkpoints import load_inference
+  if os.path.isdir(output_path):
+    raise CheckpointError(f"{output_path}: is a folder; name the .ckpt file to write")
   if os.path.exists(output_path) and not overwrite:
     raise CheckpointError(f"{output_path}: exists; pass overwrite=True to replace it")
+  parent = os.path.dirname(os.path.abspath(output_path))
+  if not os.path.isdir(parent):
+    raise CheckpointError(f"{output_path}: its folder {parent} is missing or not a folder")
   config, params, _ = load_inference(export_dir)
   state_dict = params_to_torch_state_dict(config, jax.device_get(params))
   tmp = output_path + ".partial"
-  torch.save({"state_dict": collections.OrderedDict(
-      (k, torch.from_numpy(v)) for k, v in state_dict.items())}, tmp)
-  os.replace(tmp, output_path)
+  try:
+    torch.save({"state_dict": collections.OrderedDict(
+        (k, torch.from_numpy(v)) for k, v in state_dict.items())}, tmp)
+    os.replace(tmp, output_path)
+  except (OSError, RuntimeError) as e:  # torch reports a full disk or no permission as either
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise CheckpointError(f"cannot write {output_path}: {e}") from None
   return output_path

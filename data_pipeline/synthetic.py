@@ -507,10 +507,13 @@ def generate_dataset(output_dir: str, *, num_train: int, num_test: int, seconds:
 def main(argv):
   del argv
   values = flags.FLAGS
-  path = generate_dataset(values.output_dir, num_train=values.num_train,
-                          num_test=values.num_test, seconds=values.seconds, seed=values.seed,
-                          num_valid=values.num_valid, vocal_density=values.vocal_density,
-                          overwrite=values.overwrite)
+  try:
+    path = generate_dataset(values.output_dir, num_train=values.num_train,
+                            num_test=values.num_test, seconds=values.seconds, seed=values.seed,
+                            num_valid=values.num_valid, vocal_density=values.vocal_density,
+                            overwrite=values.overwrite)
+  except (OSError, ValueError) as e:  # a folder in the way, no permission, bad sizes: one line
+    raise SystemExit(f"data_pipeline.synthetic: {e}") from None
   print(f"synthetic MUSDB18-HQ layout in {path}")
 
 

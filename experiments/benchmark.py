@@ -8,6 +8,8 @@ and to `benchmarks/results/<date>-<host>.{json,md}` with PNG plots beside them
 """
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 
 from experiments.benchmarks import report
@@ -26,6 +28,9 @@ def run_benchmarks(sections: list[str], output_dir: str, mode: str = "default") 
   unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
     raise ValueError(f"unknown benchmark section(s) {unknown}; choose from {SECTIONS}")
+  os.makedirs(output_dir, exist_ok=True)  # before minutes of measuring, not after
+  if not os.access(output_dir, os.W_OK):
+    raise PermissionError(f"{output_dir}: cannot write the report there")
   return report.build(list(sections), mode, output_dir)
 
 
@@ -33,7 +38,7 @@ def main(argv):
   del argv
   try:
     run_benchmarks(_ONLY.value, _OUT.value, _MODE.value)
-  except ValueError as e:
+  except (ValueError, OSError) as e:
     raise SystemExit(f"experiments.benchmark: {e}") from None
 
 

@@ -35,7 +35,7 @@ def main(argv):
       path = convert.convert_checkpoint(_CKPT.value, _OUT_DIR.value, use_ema=_EMA.value,
                                         overwrite=_OVERWRITE.value, hop_length=_HOP.value,
                                         **channels)
-  except (convert.CheckpointError, FileExistsError, FileNotFoundError) as e:
+  except (convert.CheckpointError, OSError) as e:  # bad files or folders: one line naming them
     raise SystemExit(f"convert_torch: {e}")
   print(f"wrote {path}")
 

@@ -281,7 +281,10 @@ def main(argv):
   config = _CONFIG.value
   if _SEED.value is not None:
     config.seed = config.data.synthetic.seed = _SEED.value
-  run(config, _WORKDIR.value, minutes=_MINUTES.value)
+  try:
+    run(config, _WORKDIR.value, minutes=_MINUTES.value)
+  except OSError as e:  # a workdir that cannot be written: one line naming it
+    raise SystemExit(f"quickstart: {e}") from None
 
 
 if __name__ == "__main__":

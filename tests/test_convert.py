@@ -193,3 +193,8 @@ def test_cli_converts_to_an_export_that_load_model_reads(tmp_path, expected):
     assert all(np.array_equal(round_trip[k], ema[k]) for k in ema)
     with pytest.raises(convert.CheckpointError, match="exists"):
       convert.export_torch_checkpoint(str(out), back)
+    for bad, message in ((tmp_path, "is a folder"),
+                         (tmp_path / "nowhere" / "m.ckpt", "missing or not a folder")):
+      with pytest.raises(convert.CheckpointError, match=message):
+        convert.export_torch_checkpoint(str(out), str(bad), overwrite=True)
+    assert not list(tmp_path.glob("*.partial"))
