@@ -343,7 +343,7 @@ def infer_config(state_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
   except ValueError as e:
     hop_length = fields.get("hop_length", ModelConfig.hop_length)
-    hint = ("" if 0 < hop_length < fields["n_fft"] else
+    hint = ("" if 0 < hop_length <= fields["n_fft"] // 2 else
             " (a checkpoint does not store hop_length: pass it, e.g. `python -m "
             "experiments.convert_torch --hop_length=...`)")
     raise CheckpointError(f"the checkpoint's shapes give an invalid model: {e}{hint}") from None

@@ -72,6 +72,10 @@ def evaluate_track(separator, track) -> dict[str, Any]:
   start = time.perf_counter()
   estimates = separator.separate(mixture, sample_rate)
   wall = time.perf_counter() - start
+  for stem in STEMS:
+    if not np.isfinite(estimates[stem]).all():
+      raise ValueError(f"{track.name}: the separated {stem} have non-finite samples (NaN or "
+                       "Inf); the model's weights or settings are broken")
   row = dict(track=track.name, seconds=mixture.shape[-1] / sample_rate,
              vocal_activity=vocal_activity(vocals, sample_rate), wall_s=wall)
   row.update(score(references, estimates, sample_rate))

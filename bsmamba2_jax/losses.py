@@ -56,6 +56,9 @@ def _check_pair(name, estimate, target):
     raise ValueError(f"losses.{name}: estimate and target must be waveforms of "
                      f"the same shape (..., samples), got {estimate.shape} and "
                      f"{target.shape}.")
+  for what, x in (("estimate", estimate), ("target", target)):
+    if jnp.iscomplexobj(x):
+      raise ValueError(f"losses.{name}: the {what} must be a real waveform, got dtype {x.dtype}.")
   return estimate.astype(jnp.float32), target.astype(jnp.float32)
 
 

@@ -32,6 +32,8 @@ def _pair(fn, reference, estimate, ndim=None):
   if reference.ndim < 2:
     raise ValueError(f"metrics.{fn}: expects (..., channels, samples), got "
                      f"shape {reference.shape}.")
+  if reference.shape[-1] == 0:
+    raise ValueError(f"metrics.{fn}: signals have no samples (shape {reference.shape}).")
   if reference.shape[-2] > reference.shape[-1]:
     raise ValueError(f"metrics.{fn}: expects (..., channels, samples), got {reference.shape[-2]} "
                      f"channels of {reference.shape[-1]} samples; transpose museval's "
@@ -66,8 +68,6 @@ def csdr_frames(references, estimates, sample_rate: int = 44100,
   if window < 1 or hop < 1:
     raise ValueError(f"metrics.csdr_frames: window and hop must be >= 1, got "
                      f"{window}, {hop}.")
-  if s.shape[-1] == 0:
-    raise ValueError("metrics.csdr_frames: signals have no samples.")
   ref = _frames(s, window, hop)
   est = _frames(s_hat, window, hop)
   num = np.sum(ref ** 2, axis=(1, 3))  # (S, frames)
@@ -82,11 +82,19 @@ def csdr_frames(references, estimates, sample_rate: int = 44100,
 
 def csdr(references, estimates, sample_rate: int = 44100, window=None,
          hop=None) -> np.ndarray:
-  """cSDR in dB: (S, C, N) x2 -> (S,) nanmedian over frames (NaN if none)."""
+  """cSDR in dB: (S, C, N) x2 -> (S,) nanmedian over frames (NaN if none).
+
+  The nanmedian skips the silent frames only: a source with any non-finite sample in its
+  reference or estimate scores NaN, as `usdr` does, rather than the median of its finite frames.
+  """
   frames = csdr_frames(references, estimates, sample_rate, window, hop)
+  finite = np.isfinite(np.asarray(references, np.float64)) & np.isfinite(
+      np.asarray(estimates, np.float64))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN source -> NaN
-    return np.nanmedian(frames, axis=-1)
+    result = np.nanmedian(frames, axis=-1)
+  result[~np.all(finite, axis=(1, 2))] = np.nan
+  return result
 
 
 def aggregate(values) -> dict:

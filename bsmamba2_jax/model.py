@@ -71,8 +71,11 @@ class ModelConfig:
     if sum(self.band_widths) != self.n_fft // 2 + 1:
       problems.append(f"band_widths sum to {sum(self.band_widths)}, expected n_fft//2+1 = "
                       f"{self.n_fft // 2 + 1}")
-    if not 0 < self.hop_length < self.n_fft:
-      problems.append(f"hop_length must be in [1, n_fft) so that the iSTFT's windows overlap, "
+    if not 0 < self.hop_length <= self.n_fft // 2:
+      # The last frame, centred at a multiple of hop_length within hop_length of the end,
+      # reaches n_fft // 2 samples on: a longer hop leaves the end of the output uncovered
+      # (zeros), and the windows of frames further apart overlap too little to invert.
+      problems.append(f"hop_length must be in [1, n_fft // 2] so that frames cover every sample, "
                       f"got hop_length={self.hop_length} with n_fft={self.n_fft}")
     if (self.expand * self.dim) % self.headdim:
       problems.append(f"expand*dim = {self.expand * self.dim} is not a multiple of headdim "

@@ -300,8 +300,11 @@ class Separator:
       audio = (audio - offset) / half_scale
     elif not np.issubdtype(audio.dtype, np.floating):
       raise ValueError(f"audio must be float or integer PCM samples, got dtype {audio.dtype}")
-    if not (np.isfinite(sample_rate) and sample_rate > 0 and sample_rate == int(sample_rate)):
-      raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate}")
+    is_number = (isinstance(sample_rate, (int, float, np.number))
+                 and not isinstance(sample_rate, (bool, np.bool_)))
+    if not (is_number and np.isfinite(sample_rate) and sample_rate > 0
+            and sample_rate == int(sample_rate)):
+      raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
     x = np.asarray(audio if audio.ndim == 2 else audio[None], np.float32)
     if x.shape[0] not in (1, 2):
       raise ValueError(f"audio has {x.shape[0]} channels; only mono and stereo are supported "

@@ -5,7 +5,8 @@ Per head h with state S of shape (headdim, d_state), for t = 0 .. seqlen-1:
   S_t = exp(dt_t · A_h) · S_{t-1} + dt_t · x_t B_tᵀ,      y_t = S_t C_t + D_h · x_t,
 
 where head h reads group h // (nheads // ngroups) of B and C. The three methods give the same
-numbers up to rounding:
+numbers up to rounding on finite inputs (a NaN spreads through its whole chunk in "chunked",
+only forward in time in the others):
 
 - "sequential":  `lax.scan` over time, the reference.
 - "associative": `lax.associative_scan` over time on (decay, update) pairs; memory grows with

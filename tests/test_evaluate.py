@@ -218,6 +218,23 @@ def test_a_track_that_cannot_be_scored_is_left_out_and_reported(dataset, tmp_pat
   assert "## Tracks left out" in evaluation.markdown_report(results)
 
 
+def test_a_non_finite_separation_is_left_out_not_scored(dataset):
+  """cSDR's nanmedian must not score the finite frames of a partly NaN estimate."""
+  class PartlyBroken(ScaledOracle):
+    def separate(self, audio, sample_rate):
+      out = super().separate(audio, sample_rate)
+      if self.tracks[0].read_all("mixture").shape == audio.shape and np.array_equal(
+          self.tracks[0].read_all("mixture"), audio):
+        out["vocals"] = out["vocals"].copy()
+        out["vocals"][:, :RATE] = np.nan
+      return out
+  separator = PartlyBroken(dataset, 0.5)
+  results = evaluation.evaluate(separator, dataset, "test", progress=False)
+  [failed] = results["failed"]
+  assert failed["track"] == separator.tracks[0].name
+  assert "separated vocals have non-finite samples" in failed["error"]
+
+
 def test_bad_settings_fail_before_the_run(dataset, export, tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("")

@@ -88,3 +88,5 @@ def test_get_loss_and_errors():
     losses.get_loss("l2")
   with pytest.raises(ValueError, match="same shape"):
     losses.official_loss(np.zeros((1, 2, N)), np.zeros((1, 1, N)))
+  with pytest.raises(ValueError, match="estimate must be a real waveform"):
+    losses.fast_loss(np.zeros((1, 2, N), np.complex64), np.zeros((1, 2, N)))

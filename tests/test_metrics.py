@@ -88,6 +88,13 @@ def test_csdr_identical_scaled_and_all_silent():
   frames = metrics.csdr_frames(refs, 0.5 * refs, window=SR, hop=SR // 2)
   assert frames.shape == (2, 5)
   np.testing.assert_allclose(frames, 20 * np.log10(2.0), rtol=1e-12)
+  # A NaN sample in one source's estimate makes that source NaN, as in usdr, instead of
+  # being skipped like a silent frame.
+  broken = 0.5 * refs.copy()
+  broken[0, 0, 100] = np.nan
+  result = metrics.csdr(refs, broken, sample_rate=SR)
+  assert np.isnan(result[0]) and np.isclose(result[1], 20 * np.log10(2.0))
+  assert np.isnan(metrics.usdr(refs[0], broken[0]))
 
 
 def test_aggregate_and_errors():
@@ -101,6 +108,9 @@ def test_aggregate_and_errors():
   museval_layout = np.ones((2, 88200, 2))  # (sources, samples, channels)
   with pytest.raises(ValueError, match="88200 channels of 2 samples; transpose museval"):
     metrics.csdr(museval_layout, 0.5 * museval_layout)
+  for fn in (metrics.usdr, metrics.csdr):
+    with pytest.raises(ValueError, match="signals have no samples"):
+      fn(np.zeros((2, 2, 0)), np.zeros((2, 2, 0)))
 
 
 def test_csdr_matches_museval():

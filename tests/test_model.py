@@ -45,8 +45,12 @@ def test_band_widths():
     assert sum(widths) == n_fft // 2 + 1 and min(widths) >= 1
   with pytest.raises(ValueError, match="band_widths sum"):
     ModelConfig(band_widths=(1, 2, 3))
-  with pytest.raises(ValueError, match="hop_length must be in .1, n_fft.* hop_length=441 with n_fft=256"):
+  with pytest.raises(ValueError, match=r"hop_length must be in \[1, n_fft // 2\].* "
+                                       "hop_length=441 with n_fft=256"):
     ModelConfig.preset("tiny", n_fft=256)  # hop 441 >= n_fft: the iSTFT would divide by ~0
+  with pytest.raises(ValueError, match="hop_length=200 with n_fft=256"):
+    ModelConfig(n_fft=256, hop_length=200, band_widths=(129,))  # the end would stay uncovered
+  ModelConfig(n_fft=256, hop_length=128, band_widths=(129,))
 
 
 def test_config_round_trip_and_presets():

@@ -154,7 +154,7 @@ def test_separate_rejects_bad_arrays(audio, message):
     Separator(Recorder()).separate(audio, RATE)
 
 
-@pytest.mark.parametrize("rate", [44100.5, 0, float("nan")])
+@pytest.mark.parametrize("rate", [44100.5, 0, float("nan"), "44100", None, True])
 def test_separate_rejects_bad_rates(rate):
   with pytest.raises(ValueError, match="positive whole number of Hz"):
     Separator(Recorder()).separate(noise(2, 1000), rate)
