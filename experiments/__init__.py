@@ -31,7 +31,8 @@ def _launcher(orig_argv) -> str | None:
   """The launcher module `orig_argv` runs: `python -m experiments.<name>` or a console script
   (`python /path/bin/bsmamba2-separate ...`, as its shebang starts it); None for anything else."""
   if "-m" in orig_argv:
-    module = orig_argv[orig_argv.index("-m") + 1] if orig_argv[-1] != "-m" else ""
+    after = orig_argv.index("-m") + 1
+    module = orig_argv[after] if after < len(orig_argv) else ""
     return module if module.startswith("experiments.") else None
   script = os.path.basename(orig_argv[1]) if len(orig_argv) > 1 else ""
   return CONSOLE_SCRIPTS.get(script)

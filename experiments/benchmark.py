@@ -19,7 +19,8 @@ SECTIONS = ("scan", "scaling", "peers", "limit", "forward", "train", "separate",
 
 _ONLY = flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, from {SECTIONS}.")
 _MODE = flags.DEFINE_enum("mode", "default", report.MODES,
-                          "Sizes: smoke (tests), default (~15 min on a 2-core CPU), full (paper sizes).")
+                          "Sizes: smoke (tests), default (~15 min on a 2-core CPU), full "
+                          "(paper sizes).")
 _OUT = flags.DEFINE_string("output_dir", "benchmarks/results", "Where the report is written.")
 
 
