@@ -1,6 +1,6 @@
 """absl launchers, configs and benchmarks of bsmamba2-jax.
 
-Three process-level settings are made before any launcher starts JAX:
+Four process-level settings are made before any launcher starts JAX:
 
 - importing `bsmamba2_jax` first sets its XLA:CPU flags (see `bsmamba2_jax._tune_xla_cpu`);
 - `python -m experiments.<launcher>` (and the console scripts of `CONSOLE_SCRIPTS`, the same
@@ -11,6 +11,8 @@ Three process-level settings are made before any launcher starts JAX:
   fwd+bwd at 62 x 801 4.8 -> 2.5 s and the paper 1-s training step 26 -> 20 s (runs minutes
   apart). Set BSMAMBA2_HUGE_PAGES=0 to opt out, or set the tunable yourself to use it in your
   own process (glibc reads it when the process starts);
+- a launcher's stdout prints file names that are not UTF-8 as their bytes (`errors=
+  "surrogateescape"`, as Python does in the C locale) instead of failing on them;
 - `python -m experiments.<launcher>` (all but `benchmark`, whose rows time compilation) keeps
   compiled programs in JAX's persistent cache (see `compilation_cache_dir`), so a resumed or
   repeated run does not compile them again: the tiny training launch of 3 steps took 56 s cold
@@ -82,6 +84,11 @@ def _relaunch_with_huge_pages():
 
 
 _relaunch_with_huge_pages()
+
+# Launchers print paths; a file name that is not UTF-8 (kept by Python as surrogates) is printed
+# as its own bytes, as in the C locale, instead of failing under a strict UTF-8 stdout.
+if _launcher(getattr(sys, "orig_argv", [])) is not None and hasattr(sys.stdout, "reconfigure"):
+  sys.stdout.reconfigure(errors="surrogateescape")
 
 
 def compilation_cache_dir(environ, orig_argv) -> str | None:
