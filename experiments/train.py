@@ -146,7 +146,9 @@ def validate(experiment: Experiment, params: Any) -> dict[str, float]:
 class Logger:
   """Appends rows to `workdir/metrics.csv` and TensorBoard; only process 0 writes."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
+    """Rows of metrics.csv past `start_step` (logged after the checkpoint a run resumes from,
+    by a run that then died) are dropped, so the file holds each step once."""
     self.enabled = enabled
     if not enabled:
       return
@@ -154,6 +156,16 @@ class Logger:
     self._tf = tf
     path = os.path.join(workdir, "metrics.csv")
     new = not os.path.exists(path)
+    if not new:
+      with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+      kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+      if len(kept) < len(rows):
+        with open(path + ".tmp", "w", newline="") as f:
+          writer = csv.DictWriter(f, CSV_FIELDS)
+          writer.writeheader()
+          writer.writerows(kept)
+        os.replace(path + ".tmp", path)
     self._csv_file = open(path, "a", newline="")
     self._csv = csv.DictWriter(self._csv_file, CSV_FIELDS)
     if new:
@@ -186,6 +198,33 @@ def _initialize_distributed(config: ml_collections.ConfigDict) -> None:
                              num_processes=dist.num_processes, process_id=dist.process_id)
 
 
+def check_config(config: ml_collections.ConfigDict, max_minutes: float | None) -> None:
+  """Raises ValueError naming the first setting that cannot make a run (before anything is
+  written or compiled)."""
+  train, opt = config.train, config.optimizer
+  checks = [
+      (train.num_steps >= 1, f"train.num_steps must be >= 1, got {train.num_steps}"),
+      (opt.accumulate >= 1, f"optimizer.accumulate must be >= 1, got {opt.accumulate}"),
+      (opt.accumulate < 1 or train.num_steps % opt.accumulate == 0,
+       f"train.num_steps ({train.num_steps}) must be a multiple of optimizer.accumulate "
+       f"({opt.accumulate}); the last micro-batches would make no update"),
+      (opt.lr > 0, f"optimizer.lr must be > 0, got {opt.lr}"),
+      (opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}"),
+      (0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1), got {config.ema_decay}"),
+      (max_minutes is None or max_minutes > 0,  # NaN fails too
+       f"--max_minutes must be > 0, got {max_minutes}"),
+  ] + [(config[name] >= 1, f"{name} must be >= 1 (steps), got {config[name]}")
+       for name in ("log_every", "eval_every", "ckpt_every")]
+  for ok, problem in checks:
+    if not ok:
+      raise ValueError(problem)
+
+
+# Settings a resumed run must share with the run that wrote the workdir: the parameter and
+# optimiser-state shapes depend on them.
+RESUME_KEYS = (("model",), ("precision",), ("data", "mono"), ("optimizer", "accumulate"))
+
+
 def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates `workdir` and records the config; refuses a workdir of a different model/data."""
   os.makedirs(workdir, exist_ok=True)
@@ -197,10 +236,14 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         previous = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupted config of a previous run ({e})") from None
-    for section in ("model", "precision"):
-      if previous.get(section) != current.get(section):
-        raise ValueError(f"{workdir}: holds a run with a different {section} config "
-                         f"({previous.get(section)} != {current.get(section)}); use a new --workdir")
+    for keys in RESUME_KEYS:
+      before, now = previous, current
+      for key in keys:
+        before = before.get(key) if isinstance(before, dict) else None
+        now = now.get(key) if isinstance(now, dict) else None
+      if before != now:
+        raise ValueError(f"{workdir}: holds a run with a different {'.'.join(keys)} config "
+                         f"({before} != {now}); use a new --workdir")
   elif jax.process_index() == 0:
     with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=1))
@@ -247,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _initialize_distributed(config)
   if not config.data.dir:
     raise ValueError("config.data.dir is not set (--config.data.dir=/path/to/musdb18hq)")
+  check_config(config, max_minutes)
   if model_config(config).dtype == "bfloat16" and jax.default_backend() == "cpu":
     logging.warning("config.precision=%s computes in bfloat16 on CPU, where XLA:CPU runs this "
                     "model's training step slower than in float32; --config.precision=auto "
@@ -311,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   except ValueError:  # Not the main thread: the caller handles signals.
     pass
 
-  logger = Logger(workdir, enabled=jax.process_index() == 0)
+  logger = Logger(workdir, enabled=jax.process_index() == 0, start_step=step)
   bar = None
   if progress and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -323,6 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   valid = {}
   stop_reason = "done"
   tick, tick_step = time.time(), step
+  first_step = step
   try:
     while step < config.train.num_steps:
       try:
@@ -363,7 +408,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       elif step % config.ckpt_every == 0:
         save(state_r)
     if stop_reason == "signal":
-      host = save(state_r, valid or None)
+      host = save(state_r)  # unvalidated: an earlier step's score would mislead the best-k
+    elif step == first_step:  # nothing to train (a finished run started again)
+      host = unreplicate(state_r)
     else:
       host, valid = validate_and_save(state_r)
   finally:

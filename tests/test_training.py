@@ -475,3 +475,53 @@ def test_workdir_inside_the_dataset_is_refused_before_anything_is_written(tmp_pa
   with pytest.raises(ValueError, match="lies inside the dataset's .*train"):
     train.train_and_evaluate(config, workdir, progress=False)
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_steps=0), "train.num_steps must be >= 1"),
+    (dict(num_steps=5, accumulate=2), r"must be a multiple of optimizer.accumulate \(2\)"),
+    (dict(lr=-1.0), "optimizer.lr must be > 0"),
+    (dict(warmup_steps=-5), "optimizer.warmup_steps must be >= 0"),
+    (dict(ema_decay=1.5), r"ema_decay must be in \[0, 1\)"),
+    (dict(log_every=0), "log_every must be >= 1"),
+    (dict(eval_every=0), "eval_every must be >= 1"),
+    (dict(ckpt_every=0), "ckpt_every must be >= 1"),
+    (dict(max_minutes=float("nan")), "--max_minutes must be > 0"),
+    (dict(max_minutes=-1.0), "--max_minutes must be > 0"),
+])
+def test_settings_that_cannot_make_a_run_are_named(change, message):
+  from experiments import train
+  from experiments.configs import tiny
+  config = tiny.get_config()
+  change = dict(change)
+  max_minutes = change.pop("max_minutes", None)
+  for key, value in change.items():
+    section = {"num_steps": config.train, "accumulate": config.optimizer, "lr": config.optimizer,
+               "warmup_steps": config.optimizer}.get(key, config)
+    section[key] = value
+  with pytest.raises(ValueError, match=message):
+    train.check_config(config, max_minutes)
+  train.check_config(tiny.get_config(), None)
+
+
+def test_resume_refuses_other_shapes_and_metrics_keep_each_step_once(tmp_path):
+  import csv
+
+  from experiments import train
+  from experiments.configs import tiny
+  config = tiny.get_config()
+  workdir = str(tmp_path / "run")
+  train._prepare_workdir(config, workdir)
+  for section, key, value in (("data", "mono", not config.data.mono),
+                              ("optimizer", "accumulate", 3)):
+    other = tiny.get_config()
+    other[section][key] = value
+    with pytest.raises(ValueError, match=f"different {section}.{key} config"):
+      train._prepare_workdir(other, workdir)
+  # A run that died after logging steps 4-5 past its checkpoint at 3 resumes from 3.
+  with open(os.path.join(workdir, "metrics.csv"), "w") as f:
+    f.write(",".join(train.CSV_FIELDS) + "\n" + "".join(f"{s},0.5" + "," * (len(
+        train.CSV_FIELDS) - 2) + "\n" for s in range(1, 6)))
+  train.Logger(workdir, enabled=True, start_step=3).close()
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]
