@@ -525,3 +525,11 @@ def test_resume_refuses_other_shapes_and_metrics_keep_each_step_once(tmp_path):
   train.Logger(workdir, enabled=True, start_step=3).close()
   with open(os.path.join(workdir, "metrics.csv")) as f:
     assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("name", ["paper", "small", "tiny", "quickstart"])
+def test_shipped_configs_pass_the_settings_check(name):
+  import importlib
+
+  from experiments import train
+  train.check_config(importlib.import_module(f"experiments.configs.{name}").get_config(), None)

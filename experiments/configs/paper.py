@@ -33,7 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.mono = False
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 200_000  # Batches (micro-steps); the paper does not state a length.
+  # Batches (micro-steps), a multiple of optimizer.accumulate: 33,333 updates of 6. The paper
+  # does not state a length.
+  config.train.num_steps = 199_998
   config.train.per_device_batch_size = 5
   config.train.loss = "official"  # "official" (SPEC §5) or "fast" (3 magnitude resolutions).
 
