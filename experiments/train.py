@@ -386,7 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         tick, tick_step = now, step
         last = dict(loss=float(step_metrics["loss"]), grad_norm=float(step_metrics["grad_norm"]),
                     skipped=int(step_metrics["skipped"]),
-                    lr=float(lr_schedule(step // config.optimizer.accumulate)),
+                    # the rate of the update this micro-step belongs to (optax counts from 0)
+                    lr=float(lr_schedule((step - 1) // config.optimizer.accumulate)),
                     steps_per_s=speed, examples_per_s=speed * global_batch,
                     elapsed_s=now - start_time)
         logger.write(step, last)
