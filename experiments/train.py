@@ -226,10 +226,11 @@ RESUME_KEYS = (("model",), ("precision",), ("data", "mono"), ("optimizer", "accu
 
 
 def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Creates `workdir` and records the config; refuses a workdir of a different model/data."""
+  """Creates `workdir` and records the config (a resumed run's, e.g. with more steps, replaces
+  the earlier one); refuses a workdir whose run differs in a `RESUME_KEYS` setting."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
+  current, previous = json.loads(config.to_json_best_effort()), None
   if os.path.exists(path):
     with open(path) as f:
       try:
@@ -244,7 +245,7 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
       if before != now:
         raise ValueError(f"{workdir}: holds a run with a different {'.'.join(keys)} config "
                          f"({before} != {now}); use a new --workdir")
-  elif jax.process_index() == 0:
+  if jax.process_index() == 0 and current != previous:
     with open(path + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=1))
     os.replace(path + ".tmp", path)

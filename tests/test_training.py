@@ -518,6 +518,11 @@ def test_resume_refuses_other_shapes_and_metrics_keep_each_step_once(tmp_path):
     other[section][key] = value
     with pytest.raises(ValueError, match=f"different {section}.{key} config"):
       train._prepare_workdir(other, workdir)
+  longer = tiny.get_config()
+  longer.train.num_steps = 2 * config.train.num_steps
+  train._prepare_workdir(longer, workdir)  # extending a run records its new length
+  from experiments import export
+  assert export.read_config(workdir).train.num_steps == longer.train.num_steps
   # A run that died after logging steps 4-5 past its checkpoint at 3 resumes from 3.
   with open(os.path.join(workdir, "metrics.csv"), "w") as f:
     f.write(",".join(train.CSV_FIELDS) + "\n" + "".join(f"{s},0.5" + "," * (len(
