@@ -368,18 +368,18 @@ def test_generating_into_a_real_dataset_is_refused_with_a_hint(tmp_path):
 
 
 def test_data_error_mid_run_is_one_line_and_keeps_the_steps(tmp_path, env, data_dir):
-  """An example that fails to read at step 4 (batch 2: its 7th example) ends the run with that
-  error, after the 3 finished steps were saved."""
+  """An example of step 4 that fails to read ends the run with that error, after the 3 finished
+  steps were saved. The failure is tied to the example's step, not to a count of calls: two
+  examples are made in parallel, so the 7th call can belong to step 3."""
   code = MICRO + textwrap.dedent(f"""
-      from data_pipeline import mixing, musdb
+      from data_pipeline import musdb, pipeline
       from experiments import train
-      real, calls = mixing.random_mix, []
-      def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 6:
+      real = pipeline.example_rng
+      def failing(seed, process_index, step, example):
+        if step == 3:  # 0-based: the fourth step's batch
           raise musdb.MusdbError("/data/train/t/vocals.wav: unreadable audio file (truncated)")
-        return real(*args, **kwargs)
-      mixing.random_mix = failing
+        return real(seed, process_index, step, example)
+      pipeline.example_rng = failing
       train.train_and_evaluate(micro_config({data_dir!r}, 10), {str(tmp_path / "run")!r},
                                progress=False)
       """)
