@@ -101,14 +101,14 @@ def check_params(path: str, config: ModelConfig, params: Any) -> None:
 def _is_export(directory: str) -> bool:
   """Whether `directory` holds an export's config.json (of any version)."""
   try:
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-      content = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    _export_content(directory)
+  except CheckpointError:
     return False
-  return isinstance(content, dict) and content.get("format") == EXPORT_FORMAT
+  return True
 
 
-def _read_export_config(path: str) -> tuple[ModelConfig, dict]:
+def _export_content(path: str) -> dict:
+  """The parsed config.json of the export at `path`; CheckpointError when there is none."""
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{path}: not a bsmamba2-jax export (no {CONFIG_FILE}); expected a "
@@ -122,6 +122,12 @@ def _read_export_config(path: str) -> tuple[ModelConfig, dict]:
   if not isinstance(content, dict) or content.get("format") != EXPORT_FORMAT:
     raise CheckpointError(f"{config_path}: not a bsmamba2-jax export config "
                           f"(format {content.get('format') if isinstance(content, dict) else None!r})")
+  return content
+
+
+def _read_export_config(path: str) -> tuple[ModelConfig, dict]:
+  content = _export_content(path)
+  config_path = os.path.join(path, CONFIG_FILE)
   if content.get("version") != EXPORT_VERSION:
     raise CheckpointError(f"{config_path}: unsupported export version {content.get('version')!r} "
                           f"(this code reads version {EXPORT_VERSION})")

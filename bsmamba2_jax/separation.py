@@ -33,6 +33,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from data_pipeline.musdb import is_within
+
 MODEL_RATE = 44100
 STEMS = ("vocals", "accompaniment")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
@@ -334,12 +336,6 @@ class FileResult:
   clipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _is_within(path: str, folder: str) -> bool:
-  """Whether `path` lies in `folder` or below, links resolved."""
-  path, folder = os.path.realpath(path), os.path.realpath(folder)
-  return os.path.commonpath([path, folder]) == folder
-
-
 def find_inputs(patterns: Sequence[str],
                 exclude: str | None = None) -> tuple[list[str], list[FileResult]]:
   """Expands files, folders (recursively) and globs (folders they match are searched too).
@@ -350,7 +346,7 @@ def find_inputs(patterns: Sequence[str],
   spelled, and failures for patterns that matched nothing).
   """
   def excluded(path: str) -> bool:
-    return exclude is not None and _is_within(path, exclude)
+    return exclude is not None and is_within(path, exclude)
 
   def searched(path: str) -> list[str]:
     if excluded(path):
@@ -379,12 +375,13 @@ def find_inputs(patterns: Sequence[str],
     extensions = ", ".join(AUDIO_EXTENSIONS)
     if os.path.isdir(pattern):
       matches = searched(pattern)
-      besides = (" besides the output folder's" if exclude is not None
-                 and _is_within(exclude, pattern) else "")
-      problem = f"folder holds no audio files{besides} ({extensions})"
       if excluded(pattern):
         problem = (f"folder lies inside the output folder {exclude}, whose files are never "
                    "searched for inputs; name the files, or choose another output folder")
+      else:
+        besides = (" besides the output folder's" if exclude is not None
+                   and is_within(exclude, pattern) else "")
+        problem = f"folder holds no audio files{besides} ({extensions})"
     else:
       hits = glob.glob(pattern, recursive=True)
       matches = [p for match in hits for p in searched(match)]

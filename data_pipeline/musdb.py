@@ -38,13 +38,17 @@ MUSDB_VALIDATION_TRACKS = (
 )
 
 
+def is_within(path: str, folder: str) -> bool:
+  """Whether `path` lies in `folder` or below, links resolved."""
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return os.path.commonpath([path, folder]) == folder
+
+
 def split_folder_holding(data_dir: str, path: str) -> str | None:
   """The `train/` or `test/` folder of `data_dir` that `path` lies in (where a folder would be
-  listed as a track), else None. Symlinks are resolved."""
-  real = os.path.realpath(path)
+  listed as a track), else None."""
   for folder in ("train", "test"):
-    split = os.path.realpath(os.path.join(data_dir, folder))
-    if real == split or real.startswith(split + os.sep):
+    if is_within(path, os.path.join(data_dir, folder)):
       return os.path.join(data_dir, folder)
   return None
 

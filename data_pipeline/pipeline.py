@@ -76,12 +76,14 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
                    per_device_batch: int = 1, mono: bool = False, seed: int = 0,
                    start_step: int = 0, process_index: int = 0, process_count: int = 1,
                    num_parallel_calls: int = 2, prefetch: int = 2,
-                   mix_config: mixing.MixConfig = mixing.MixConfig()) -> TrainIterator:
+                   mix_config: mixing.MixConfig = mixing.MixConfig(),
+                   training_set: tuple[list[musdb.Track], dict] | None = None) -> TrainIterator:
   """Endless random-mix batches of the "train" split of `data_dir` (a MUSDB18-HQ layout).
 
   Yields {"mixture", "vocals"}: float32 (local_devices, per_device_batch, C, N) with C = 1 if
   `mono` else 2 and N = segment_seconds · 44100. Windows come from `training_tracks`' salient
-  index. `num_parallel_calls` examples are generated concurrently, `prefetch` batches are kept
+  index (`training_set`: what `training_tracks` already returned, so the split is not listed
+  again). `num_parallel_calls` examples are generated concurrently, `prefetch` batches are kept
   ready.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -97,7 +99,7 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
     raise ValueError(f"need local_devices >= 1, per_device_batch >= 1, start_step >= 0; got "
                      f"{local_devices}, {per_device_batch}, {start_step}")
   segment = _segment_samples(segment_seconds)
-  tracks, index = training_tracks(data_dir, segment_seconds)
+  tracks, index = training_set or training_tracks(data_dir, segment_seconds)
   batch = local_devices * per_device_batch
   channels = 1 if mono else 2
 

@@ -39,13 +39,15 @@ def restore_state(workdir: str, *, step: int | None = None, best: bool = False):
   """The host TrainState saved in `workdir` at `step` (default latest; `best`: best uSDR)."""
   from experiments import train  # pylint: disable=g-import-not-at-top
   experiment = train.Experiment(read_config(workdir))
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # the manager would create it
-    raise FileNotFoundError(f"{workdir}: no training checkpoint in checkpoints/")
-  manager = checkpoints.TrainingCheckpoints(os.path.join(workdir, "checkpoints"))
+  folder = os.path.join(workdir, "checkpoints")
+  none = FileNotFoundError(f"{workdir}: no training checkpoint in checkpoints/")
+  if not os.path.isdir(folder):  # checked first: the manager would create the folder
+    raise none
+  manager = checkpoints.TrainingCheckpoints(folder)
   try:
     available = manager.all_steps()
     if not available:
-      raise FileNotFoundError(f"{workdir}: no training checkpoint in checkpoints/")
+      raise none
     if best:
       step = manager.best_step()
       if step is None:

@@ -304,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _prepare_workdir(config, workdir)
   _maybe_generate_data(config)
   # Bad data fails now, before the model is built, not at the first step or after training.
-  pipeline.training_tracks(config.data.dir, config.data.segment_seconds)
+  training_set = pipeline.training_tracks(config.data.dir, config.data.segment_seconds)
   validation_batches(config)
 
   experiment = Experiment(config)
@@ -324,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.data.dir, segment_seconds=config.data.segment_seconds, local_devices=devices,
       per_device_batch=config.train.per_device_batch_size, mono=config.data.mono,
       seed=config.seed, start_step=step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), training_set=training_set)
 
   def save(state_r, metrics_row=None):
     host = unreplicate(state_r)
