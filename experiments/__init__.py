@@ -1,6 +1,6 @@
 """absl launchers, configs and benchmarks of bsmamba2-jax.
 
-Four process-level settings are made before any launcher starts JAX:
+Five process-level settings are made before any launcher starts JAX:
 
 - importing `bsmamba2_jax` first sets its XLA:CPU flags (see `bsmamba2_jax._tune_xla_cpu`);
 - `python -m experiments.<launcher>` (and the console scripts of `CONSOLE_SCRIPTS`, the same
@@ -13,6 +13,8 @@ Four process-level settings are made before any launcher starts JAX:
   own process (glibc reads it when the process starts);
 - a launcher's stdout prints file names that are not UTF-8 as their bytes (`errors=
   "surrogateescape"`, as Python does in the C locale) instead of failing on them;
+- launchers parse their flags with `parse_flags`, so a config override naming no setting
+  (`--config.optimizer.lrr=1`) or a config file that does not load is one line, not a traceback;
 - `python -m experiments.<launcher>` (all but `benchmark`, whose rows time compilation) keeps
   compiled programs in JAX's persistent cache (see `compilation_cache_dir`), so a resumed or
   repeated run does not compile them again: the tiny training launch of 3 steps took 56 s cold
@@ -127,6 +129,42 @@ def _use_compilation_cache():
     return
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", cache)
+
+def _config_error_message(error: BaseException, argv: list[str]) -> str:
+  """One line for an error ml_collections raised while parsing `argv`'s config flags."""
+  if isinstance(error, SyntaxError):
+    return f"cannot load config file {error.filename} (line {error.lineno}: {error.msg})"
+  # ml_collections raises KeyError("'key'\nDid you mean ...?") for an override naming no
+  # setting, or an AttributeError wrapping that KeyError.
+  inner = error
+  while isinstance(inner, AttributeError) and inner.args and isinstance(inner.args[0], KeyError):
+    inner = inner.args[0]
+  if isinstance(inner, KeyError):
+    key, _, hint = str(inner.args[0] if inner.args else "").partition("\n")
+    key = key.strip("'\"")
+    names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")]
+    given = [n for n in names if "." in n and key in n.split(".")[1:]]
+    where = given[0] if given else "a config override"
+    return f"{where}: the config has no setting {key!r}" + (f"; {hint}" if hint else "")
+  return f"{type(error).__name__}: {error}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run(main, flags_parser=parse_flags)`: absl's parsing, with config errors in one line.
+
+  absl reports a bad flag value in one line but lets anything else ml_collections raises while
+  loading a config file or applying an override reach the user as a traceback (a misspelt
+  `--config.optimizer.lrr=1` is an AttributeError); those exit the same way, status 1.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError, SyntaxError, TypeError, ValueError, NameError,
+          ImportError) as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {_config_error_message(e, argv)}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
 
 import bsmamba2_jax  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
 

@@ -12,6 +12,7 @@ import os
 
 from absl import app, flags
 
+from experiments import parse_flags
 from experiments.benchmarks import report
 
 SECTIONS = ("scan", "scaling", "peers", "limit", "forward", "train", "separate", "data",
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

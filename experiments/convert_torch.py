@@ -6,6 +6,7 @@
 from absl import app, flags
 
 from bsmamba2_jax import convert
+from experiments import parse_flags
 
 _CKPT = flags.DEFINE_string("torch_ckpt", None, "Official Lightning .ckpt or bare state_dict file.")
 _OUT_DIR = flags.DEFINE_string("output_dir", None, "Where the inference export is written.")
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 
 from bsmamba2_jax import evaluation
+from experiments import parse_flags
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Exported Orbax directory or official PyTorch checkpoint.")
@@ -59,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,6 +14,7 @@ from absl import app, flags
 import ml_collections
 
 from bsmamba2_jax import checkpoints
+from experiments import parse_flags
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -99,4 +100,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -31,6 +31,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from bsmamba2_jax.checkpoints import write_json_atomically
+from experiments import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.py"),
@@ -288,4 +289,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from bsmamba2_jax import separation
+from experiments import parse_flags
 
 _INPUT = flags.DEFINE_multi_string("input", None, "Audio files, folders (recursive) or globs.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -72,7 +73,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`bsmamba2-separate`)."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

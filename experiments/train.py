@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from bsmamba2_jax import checkpoints, losses, metrics, training
 from bsmamba2_jax.model import BSMamba2, ModelConfig, init_params
+from experiments import parse_flags
 
 CSV_FIELDS = ("step", "loss", "grad_norm", "skipped", "lr", "steps_per_s", "examples_per_s",
               "valid_usdr", "valid_csdr", "valid_input_usdr", "elapsed_s")
@@ -451,4 +452,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

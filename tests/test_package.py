@@ -118,3 +118,35 @@ def test_a_launcher_runs_on_without_a_writable_cache(tmp_path):
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert "--checkpoint" in proc.stdout + proc.stderr, proc.stderr  # absl printed its help
   assert f"compilation cache off: cannot write {blocked / 'xla'}" in proc.stderr
+
+
+def _train_launch(tmp_path, *flags, config=None):
+  """Runs the training launcher with `config` (default: tiny) and `flags`; returns the finished
+  process."""
+  repo = os.path.dirname(os.path.dirname(__file__))
+  config = config or os.path.join(repo, "experiments", "configs", "tiny.py")
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path / 'run'}",
+       f"--config={config}", *flags], capture_output=True, text=True, timeout=300, cwd=repo)
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.optimizer.lrr=1", '--config.optimizer.lrr: the config has no setting \'lrr\'; '
+                                 'Did you mean "lr" instead of "lrr"?'),
+    ("--config.nothere.x=1", "--config.nothere.x: the config has no setting 'nothere'"),
+])
+def test_a_config_override_naming_no_setting_is_one_line(tmp_path, flag, expected):
+  proc = _train_launch(tmp_path, flag)
+  assert proc.returncode == 1
+  assert f"FATAL Flags parsing error: {expected}\n" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "run").exists()  # nothing was made
+
+
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config():\n  return {\n")
+  proc = _train_launch(tmp_path, config=broken)
+  assert proc.returncode == 1
+  assert f"FATAL Flags parsing error: cannot load config file {broken} (line 2:" in proc.stderr
+  assert "Traceback" not in proc.stderr
