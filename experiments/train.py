@@ -9,11 +9,13 @@ the cluster does not provide them).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
 import os
 import signal
+import socket
 import time
 from typing import Any, Iterator
 
@@ -226,10 +228,46 @@ def check_config(config: ml_collections.ConfigDict, max_minutes: float | None) -
 RESUME_KEYS = (("model",), ("precision",), ("data", "mono"), ("optimizer", "accumulate"))
 
 
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on `workdir/train.lock` while the body runs.
+
+  A second run on the same workdir (a resume started twice, two launches with one --workdir)
+  would interleave checkpoints and logs; it fails at once with an OSError naming the run that
+  holds the lock. The lock is the kernel's (flock), so a run that dies, even by SIGKILL, leaves
+  none behind. Without fcntl (Windows) nothing is locked.
+  """
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise OSError(f"{workdir}: another training run ({holder}) is using this workdir; wait "
+                    "for it to end or choose another --workdir") from None
+    try:
+      f.seek(0)
+      f.truncate()
+      f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+      f.flush()
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Creates `workdir` and records the config (a resumed run's, e.g. with more steps, replaces
-  the earlier one); refuses a workdir whose run differs in a `RESUME_KEYS` setting."""
-  os.makedirs(workdir, exist_ok=True)
+  """Records the config in `workdir` (a resumed run's, e.g. with more steps, replaces the
+  earlier one); refuses a workdir whose run differs in a `RESUME_KEYS` setting."""
   path = os.path.join(workdir, "config.json")
   current, previous = json.loads(config.to_json_best_effort()), None
   if os.path.exists(path):
@@ -287,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   final validation runs. The summary holds step, stop reason, last loss, skipped steps, speed,
   the last validation metrics and `state` (the final host TrainState).
   """
-  from data_pipeline import musdb, pipeline  # pylint: disable=g-import-not-at-top
+  from data_pipeline import musdb  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   _initialize_distributed(config)
   if not config.data.dir:
@@ -302,7 +340,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if inside:
     raise ValueError(f"{workdir}: the workdir lies inside the dataset's {inside}, where it would "
                      "be listed as a track; choose a --workdir outside it")
-  _prepare_workdir(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    _prepare_workdir(config, workdir)
+    return _train(config, workdir, start_time=start_time, max_minutes=max_minutes,
+                  progress=progress)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float,
+           max_minutes: float | None, progress: bool) -> dict:
+  """`train_and_evaluate` once the settings are checked and `workdir` is prepared."""
+  from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   _maybe_generate_data(config)
   # Bad data fails now, before the model is built, not at the first step or after training.
   training_set = pipeline.training_tracks(config.data.dir, config.data.segment_seconds)

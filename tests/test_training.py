@@ -367,6 +367,35 @@ def test_generating_into_a_real_dataset_is_refused_with_a_hint(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
 
 
+def test_a_second_run_on_a_busy_workdir_fails_before_touching_it(tmp_path, env):
+  """A run holding the workdir (here a process that is then SIGKILLed) locks out a second run;
+  the lock dies with its holder."""
+  import signal as signals
+
+  from experiments import train
+  from experiments.configs import tiny
+  run = tmp_path / "run"
+  run.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom experiments import train\n"
+       f"with train.workdir_lock({str(run)!r}):\n  print('held', flush=True)\n  time.sleep(300)"],
+      env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    config = tiny.get_config()
+    config.data.dir = str(tmp_path / "data")
+    with pytest.raises(OSError, match=rf"{run}: another training run \(pid {holder.pid} on "
+                                      r".*\) is using this workdir"):
+      train.train_and_evaluate(config, str(run), progress=False)
+    assert sorted(os.listdir(run)) == [train.LOCK_FILE]  # no config.json, no data generated
+    assert not (tmp_path / "data").exists()
+  finally:
+    holder.send_signal(signals.SIGKILL)
+    holder.wait()
+  with train.workdir_lock(str(run)):  # free again
+    pass
+
+
 def test_data_error_mid_run_is_one_line_and_keeps_the_steps(tmp_path, env, data_dir):
   """An example of step 4 that fails to read ends the run with that error, after the 3 finished
   steps were saved. The failure is tied to the example's step, not to a count of calls: two
