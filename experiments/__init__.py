@@ -1,6 +1,6 @@
 """absl launchers, configs and benchmarks of bsmamba2-jax.
 
-Five process-level settings are made before any launcher starts JAX:
+Launchers share these settings, made before any of them starts JAX:
 
 - importing `bsmamba2_jax` first sets its XLA:CPU flags (see `bsmamba2_jax._tune_xla_cpu`);
 - `python -m experiments.<launcher>` (and the console scripts of `CONSOLE_SCRIPTS`, the same
@@ -13,8 +13,10 @@ Five process-level settings are made before any launcher starts JAX:
   own process (glibc reads it when the process starts);
 - a launcher's stdout prints file names that are not UTF-8 as their bytes (`errors=
   "surrogateescape"`, as Python does in the C locale) instead of failing on them;
-- launchers parse their flags with `parse_flags`, so a config override naming no setting
-  (`--config.optimizer.lrr=1`) or a config file that does not load is one line, not a traceback;
+- launchers parse their flags with `parse_flags` (a config override naming no setting,
+  `--config.optimizer.lrr=1`, or a config file that does not load is one line, not a
+  traceback), and their path flags (`DEFINE_path`, `DEFINE_multi_path`) expand `~`, which the
+  shell leaves as is in `--workdir=~/runs`;
 - `python -m experiments.<launcher>` (all but `benchmark`, whose rows time compilation) keeps
   compiled programs in JAX's persistent cache (see `compilation_cache_dir`), so a resumed or
   repeated run does not compile them again: the tiny training launch of 3 steps took 56 s cold
@@ -24,6 +26,8 @@ Five process-level settings are made before any launcher starts JAX:
 import os
 import platform
 import sys
+
+from absl import flags
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -147,6 +151,28 @@ def _config_error_message(error: BaseException, argv: list[str]) -> str:
     where = given[0] if given else "a config override"
     return f"{where}: the config has no setting {key!r}" + (f"; {hint}" if hint else "")
   return f"{type(error).__name__}: {error}"
+
+
+class _PathParser(flags.ArgumentParser):
+  """Parses a path flag, expanding `~` and `~user` (the shell leaves `--workdir=~/runs` as is)."""
+
+  def parse(self, argument):
+    return os.path.expanduser(argument)
+
+  def flag_type(self):
+    return "path"
+
+
+def DEFINE_path(name: str, default: str | None, help: str, **kwargs):  # pylint: disable=invalid-name,redefined-builtin
+  """`flags.DEFINE_string` for a file or folder: `--name=~/x` means the home folder's x."""
+  return flags.DEFINE(_PathParser(), name, default, help, serializer=flags.ArgumentSerializer(),
+                      **kwargs)
+
+
+def DEFINE_multi_path(name: str, default: list[str] | None, help: str, **kwargs):  # pylint: disable=invalid-name,redefined-builtin
+  """`flags.DEFINE_multi_string` whose values are expanded like `DEFINE_path`'s."""
+  return flags.DEFINE_multi(_PathParser(), flags.ArgumentSerializer(), name, default, help,
+                            **kwargs)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from experiments import parse_flags
+from experiments import DEFINE_path, parse_flags
 from experiments.benchmarks import report
 
 SECTIONS = ("scan", "scaling", "peers", "limit", "forward", "train", "separate", "data",
@@ -22,7 +22,7 @@ _ONLY = flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, from {SECTI
 _MODE = flags.DEFINE_enum("mode", "default", report.MODES,
                           "Sizes: smoke (tests), default (~15 min on a 2-core CPU), full "
                           "(paper sizes).")
-_OUT = flags.DEFINE_string("output_dir", "benchmarks/results", "Where the report is written.")
+_OUT = DEFINE_path("output_dir", "benchmarks/results", "Where the report is written.")
 
 
 def run_benchmarks(sections: list[str], output_dir: str, mode: str = "default") -> dict:

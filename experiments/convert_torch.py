@@ -6,10 +6,10 @@
 from absl import app, flags
 
 from bsmamba2_jax import convert
-from experiments import parse_flags
+from experiments import DEFINE_path, parse_flags
 
-_CKPT = flags.DEFINE_string("torch_ckpt", None, "Official Lightning .ckpt or bare state_dict file.")
-_OUT_DIR = flags.DEFINE_string("output_dir", None, "Where the inference export is written.")
+_CKPT = DEFINE_path("torch_ckpt", None, "Official Lightning .ckpt or bare state_dict file.")
+_OUT_DIR = DEFINE_path("output_dir", None, "Where the inference export is written.")
 _EMA = flags.DEFINE_bool("use_ema", False, "Take the EMA weights kept in the optimizer state.")
 _HOP = flags.DEFINE_integer("hop_length", 441, "STFT hop (not stored in the weights).")
 _CHANNELS = flags.DEFINE_enum(
@@ -17,8 +17,8 @@ _CHANNELS = flags.DEFINE_enum(
     "Audio channels of the model, where the band shapes leave it open (default: inferred).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export / file.")
 _TO_TORCH = flags.DEFINE_bool("to_torch", False, "Convert an export back to a PyTorch .ckpt.")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "With --to_torch: the export to convert.")
-_OUTPUT = flags.DEFINE_string("output", None, "With --to_torch: the .ckpt file to write.")
+_EXPORT_DIR = DEFINE_path("export_dir", None, "With --to_torch: the export to convert.")
+_OUTPUT = DEFINE_path("output", None, "With --to_torch: the .ckpt file to write.")
 
 
 def main(argv):

@@ -14,14 +14,14 @@ import sys
 from absl import app, flags, logging
 
 from bsmamba2_jax import evaluation
-from experiments import parse_flags
+from experiments import DEFINE_path, parse_flags
 
-_CHECKPOINT = flags.DEFINE_string(
+_CHECKPOINT = DEFINE_path(
     "checkpoint", None, "Exported Orbax directory or official PyTorch checkpoint.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "MUSDB18-HQ-layout dataset root.")
+_DATA_DIR = DEFINE_path("data_dir", None, "MUSDB18-HQ-layout dataset root.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test", "train_full"],
                            "Tracks to evaluate.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "evaluation", "Where the reports are written.")
+_OUTPUT_DIR = DEFINE_path("output_dir", "evaluation", "Where the reports are written.")
 _SEGMENT = flags.DEFINE_float("segment", 8.0, "Chunk length (s) of the main evaluation.")
 _OVERLAP = flags.DEFINE_float(
     "overlap", 0.0, "Chunk overlap of the main evaluation; 0 is the official protocol.")

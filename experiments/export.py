@@ -14,7 +14,7 @@ from absl import app, flags
 import ml_collections
 
 from bsmamba2_jax import checkpoints
-from experiments import parse_flags
+from experiments import DEFINE_path, parse_flags
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -77,8 +77,8 @@ def export(workdir: str, output_dir: str, *, use_ema: bool = True, step: int | N
 
 def define_flags() -> None:
   """The program's flags; defined only when run as a program, so importing is side-effect free."""
-  flags.DEFINE_string("workdir", None, "Training run directory.")
-  flags.DEFINE_string("output_dir", None, "Where the export is written.")
+  DEFINE_path("workdir", None, "Training run directory.")
+  DEFINE_path("output_dir", None, "Where the export is written.")
   flags.DEFINE_bool("use_ema", True, "Export the EMA weights (else the raw ones).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_bool("best", False, "Export the best checkpoint by validation uSDR.")

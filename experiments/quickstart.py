@@ -31,12 +31,12 @@ import numpy as np
 from ml_collections import config_flags
 
 from bsmamba2_jax.checkpoints import write_json_atomically
-from experiments import parse_flags
+from experiments import DEFINE_path, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.py"),
     "Experiment config file.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", "quickstart_workdir", "Folder for everything made.")
+_WORKDIR = DEFINE_path("workdir", "quickstart_workdir", "Folder for everything made.")
 _MINUTES = flags.DEFINE_float(
     "minutes", 15.0, "Training budget (wall clock, all runs together, compilation included): "
     "training stops at the first step past it, then validates once; evaluation, export and "

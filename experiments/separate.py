@@ -15,12 +15,12 @@ import sys
 from absl import app, flags, logging
 
 from bsmamba2_jax import separation
-from experiments import parse_flags
+from experiments import DEFINE_multi_path, DEFINE_path, parse_flags
 
-_INPUT = flags.DEFINE_multi_string("input", None, "Audio files, folders (recursive) or globs.")
-_CHECKPOINT = flags.DEFINE_string(
+_INPUT = DEFINE_multi_path("input", None, "Audio files, folders (recursive) or globs.")
+_CHECKPOINT = DEFINE_path(
     "checkpoint", None, "Exported Orbax directory or official PyTorch checkpoint.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "separated", "Where the stems are written.")
+_OUTPUT_DIR = DEFINE_path("output_dir", "separated", "Where the stems are written.")
 _TEMPLATE = flags.DEFINE_string(
     "template", separation.DEFAULT_TEMPLATE,
     "Output path under --output_dir; fields {track} (input name), {trackext} (its extension), "

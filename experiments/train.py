@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from bsmamba2_jax import checkpoints, losses, metrics, training
 from bsmamba2_jax.model import BSMamba2, ModelConfig, init_params
-from experiments import parse_flags
+from experiments import DEFINE_path, parse_flags
 
 CSV_FIELDS = ("step", "loss", "grad_norm", "skipped", "lr", "steps_per_s", "examples_per_s",
               "valid_usdr", "valid_csdr", "valid_input_usdr", "elapsed_s")
@@ -330,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _initialize_distributed(config)
   if not config.data.dir:
     raise ValueError("config.data.dir is not set (--config.data.dir=/path/to/musdb18hq)")
+  config = config.copy_and_resolve_references()  # the caller's config stays as it was
+  config.data.dir = os.path.expanduser(config.data.dir)  # the shell leaves --config.data.dir=~/x
   check_config(config, max_minutes)
   if model_config(config).dtype == "bfloat16" and jax.default_backend() == "cpu":
     logging.warning("config.precision=%s computes in bfloat16 on CPU, where XLA:CPU runs this "
@@ -479,7 +481,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
 def define_flags() -> None:
   """The launcher's flags; defined only when run as a program, so importing is side-effect free."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+  DEFINE_path("workdir", None, "Run directory (checkpoints, logs).")
   flags.DEFINE_float("max_minutes", None, "Wall-clock budget; stop, save, validate.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -150,3 +150,19 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
   assert proc.returncode == 1
   assert f"FATAL Flags parsing error: cannot load config file {broken} (line 2:" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_path_flags_expand_the_home_folder():
+  from absl import flags
+
+  from experiments import DEFINE_multi_path, DEFINE_path
+  values = flags.FlagValues()
+  DEFINE_path("workdir", "runs", "", flag_values=values)
+  DEFINE_multi_path("input", None, "", flag_values=values)
+  values(["prog", "--workdir=~/runs", "--input=~/a.wav", "--input", "b/~c.wav"])
+  home = os.path.expanduser("~")
+  assert values.workdir == os.path.join(home, "runs")
+  assert values.input == [os.path.join(home, "a.wav"), "b/~c.wav"]
+  values.unparse_flags()
+  values(["prog"])
+  assert values.workdir == "runs"  # the default, as given

@@ -357,6 +357,19 @@ def test_bad_data_fails_before_the_model_is_built(tmp_path, data_dir, monkeypatc
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+def test_data_dir_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+  from data_pipeline import musdb
+  from experiments import train
+  from experiments.configs import tiny
+  monkeypatch.setenv("HOME", str(tmp_path))
+  config = tiny.get_config()
+  config.data.dir = "~/nowhere"
+  config.data.synthetic.generate = False
+  with pytest.raises(musdb.MusdbError, match=f"^{tmp_path / 'nowhere'}: not a directory"):
+    train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert config.data.dir == "~/nowhere"  # the caller's config is left alone
+
+
 def test_generating_into_a_real_dataset_is_refused_with_a_hint(tmp_path):
   from experiments import train
   from experiments.configs import tiny
