@@ -189,3 +189,13 @@ def test_memory_budget_reads_an_accelerators_allocator(monkeypatch):
   assert common.memory_budget_gb(0.5) == pytest.approx(40.0)  # half of the 80 GB still free
   monkeypatch.setattr(common.jax, "devices", lambda: [Accelerator(None)])
   assert common.memory_budget_gb(0.5, unknown_gb=3.0) == 3.0
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse2 avx fma avx2", "AMD EPYC 7B13, avx2 fma"),
+    ("fpu avx2 fma avx512f avx512bw avx512_bf16", "AMD EPYC 7B13, avx512f avx512_bf16"),
+])
+def test_reports_name_the_cpu_and_its_vector_extensions(flags, expected):
+  from experiments.benchmarks import report
+  cpuinfo = f"processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+  assert report.cpu_description(cpuinfo) == expected

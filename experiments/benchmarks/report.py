@@ -184,12 +184,32 @@ def _write(report: dict, stem: str) -> None:
     f.write(markdown(report))
 
 
+def cpu_description(cpuinfo: str | None = None) -> str:
+  """The CPU model and its widest vector extensions, e.g. "AMD EPYC, avx2 fma" or "AMD EPYC,
+  avx512f avx512_bf16": CPU timings and the matmul rate differ by that (the same 2-core VM
+  type ran a 2048² fp32 matmul at 200 GFLOP/s with AVX-512 and 113 without). Read from
+  /proc/cpuinfo (Linux); "" where it cannot be read."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return ""
+  fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  flags = set(fields.get("flags", "").split())
+  wanted = ("avx512f", "avx512_bf16", "amx_tile") if "avx512f" in flags else ("avx2", "fma")
+  isa = " ".join(f for f in wanted if f in flags)
+  return ", ".join(filter(None, [fields.get("model name", ""), isa]))
+
+
 def markdown(report: dict) -> str:
   """The whole report as markdown: header, targets, then every section (or its error)."""
   device, kind = report["devices"][0], report.get("device_kind")
   if kind and not device.startswith(kind):  # "cuda:0 NVIDIA H200", but not "cpu:0 cpu"
     device = f"{device} {kind}"
-  lines = [f"# Benchmark {report['date']} on {report['host']} ({report['machine']}, "
+  machine = ", ".join(filter(None, [report["machine"], report.get("cpu")]))
+  lines = [f"# Benchmark {report['date']} on {report['host']} ({machine}, "
            f"{report['cpu_count']} CPUs, jax {report['jax']}, {device}), "
            f"mode `{report['mode']}`" + ("" if report["complete"] else " (incomplete)"), "",
            f"XLA_FLAGS: `{report.get('xla_flags') or '(none)'}`, GLIBC_TUNABLES: "
@@ -213,6 +233,7 @@ def build(sections: list[str], mode: str, output_dir: str, *, verbose: bool = Tr
     raise ValueError(f"benchmark: unknown mode {mode!r}; choose from {MODES}")
   report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                 host=socket.gethostname(), machine=platform.processor() or platform.machine(),
+                cpu=cpu_description(),
                 cpu_count=os.cpu_count(), jax=jax.__version__,
                 devices=[str(d) for d in jax.devices()], device_kind=jax.devices()[0].device_kind,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
