@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import glob
 import json
 import os
 import signal
@@ -150,8 +151,9 @@ class Logger:
   """Appends rows to `workdir/metrics.csv` and TensorBoard; only process 0 writes."""
 
   def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
-    """Rows of metrics.csv past `start_step` (logged after the checkpoint a run resumes from,
-    by a run that then died) are dropped, so the file holds each step once."""
+    """Rows of metrics.csv and TensorBoard summaries past `start_step` (logged after the
+    checkpoint a run resumes from, by a run that then died) are dropped, so each step is logged
+    once."""
     self.enabled = enabled
     if not enabled:
       return
@@ -173,7 +175,28 @@ class Logger:
     self._csv = csv.DictWriter(self._csv_file, CSV_FIELDS)
     if new:
       self._csv.writeheader()
-    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    tensorboard = os.path.join(workdir, "tensorboard")
+    for events in sorted(glob.glob(os.path.join(tensorboard, "events.out.tfevents.*"))):
+      self._drop_summaries_after(events, start_step)
+    self._tb = tf.summary.create_file_writer(tensorboard)
+
+  def _drop_summaries_after(self, path: str, last_step: int) -> None:
+    """Rewrites the event file `path` without the summaries of steps after `last_step` (and
+    without a record a killed writer left truncated)."""
+    tf = self._tf
+    events, complete = [], True
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        events.append(tf.compat.v1.Event.FromString(record.numpy()))
+    except tf.errors.DataLossError:
+      complete = False
+    kept = [e for e in events if not (e.HasField("summary") and e.step > last_step)]
+    if complete and len(kept) == len(events):
+      return
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+      for event in kept:
+        writer.write(event.SerializeToString())
+    os.replace(path + ".tmp", path)
 
   def write(self, step: int, row: dict[str, float]) -> None:
     if not self.enabled:
@@ -365,8 +388,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
                                             keep_last=config.keep_last,
                                             keep_best=config.keep_best)
   state = experiment.init_state()
+  elapsed_before = 0.0  # wall-clock seconds of the runs this one resumes
   if manager.latest_step() is not None:
     state, meta = manager.restore(state)
+    elapsed_before = float(meta.get("elapsed_s", 0.0))
     logging.info("resumed from %s at step %d", manager.directory, meta["data_position"])
   step = int(state.step)
   lr_schedule = training.learning_rate(config.optimizer,
@@ -379,7 +404,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
 
   def save(state_r, metrics_row=None):
     host = unreplicate(state_r)
-    manager.save(int(host.step), host, meta=dict(data_position=int(host.step)),
+    manager.save(int(host.step), host,
+                 meta=dict(data_position=int(host.step),
+                           elapsed_s=elapsed_before + time.time() - start_time),
                  metrics=None if metrics_row is None else dict(usdr=metrics_row["valid_usdr"]))
     return host
 
@@ -441,7 +468,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
                     # the rate of the update this micro-step belongs to (optax counts from 0)
                     lr=float(lr_schedule((step - 1) // config.optimizer.accumulate)),
                     steps_per_s=speed, examples_per_s=speed * global_batch,
-                    elapsed_s=now - start_time)
+                    elapsed_s=elapsed_before + now - start_time)
         logger.write(step, last)
         if bar is not None:
           budget = {} if max_minutes is None else dict(

@@ -240,6 +240,7 @@ def test_pmap_two_devices_equals_one_device(env):
 
 @pytest.mark.slow  # Several subprocess compiles: ~1-1.5 min of CPU.
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, env, data_dir):
+  import csv
   steps = 6
   train_code = MICRO + textwrap.dedent(f"""
       from experiments import train
@@ -250,7 +251,14 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, env, data_dir):
 
   interrupted = tmp_path / "interrupted"
   code = train_code.replace("sys.argv[1]", repr(str(interrupted)))
-  process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
+  # The interrupted run spends 20 s more before its first step than the resumed one will.
+  slow_start = code.replace("from experiments import train\n", textwrap.dedent("""\
+      from experiments import train
+      import time
+      prepare = train._prepare_workdir
+      train._prepare_workdir = lambda *args: (prepare(*args), time.sleep(20))
+      """))
+  process = subprocess.Popen([sys.executable, "-c", slow_start], env=env, cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   csv_path = interrupted / "metrics.csv"
   deadline = time.time() + 240
@@ -269,6 +277,11 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, env, data_dir):
   assert 2 <= stopped_at < steps, stopped_at
 
   run_python(code, env)  # Resumes from `stopped_at` and finishes.
+  with open(csv_path) as f:  # elapsed_s goes on from the checkpoint, not from zero
+    elapsed = {int(r["step"]): float(r["elapsed_s"]) for r in csv.DictReader(f)
+               if r["elapsed_s"]}
+  assert sorted(elapsed) == list(range(1, steps + 1))
+  assert elapsed[stopped_at + 1] > elapsed[stopped_at], elapsed
   from experiments import export
   resumed = export.restore_state(str(interrupted))
   expected = export.restore_state(str(reference))
@@ -553,6 +566,7 @@ def test_resume_refuses_other_shapes_and_metrics_keep_each_step_once(tmp_path):
   from experiments.configs import tiny
   config = tiny.get_config()
   workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
   train._prepare_workdir(config, workdir)
   for section, key, value in (("data", "mono", not config.data.mono),
                               ("optimizer", "accumulate", 3)):
@@ -566,12 +580,19 @@ def test_resume_refuses_other_shapes_and_metrics_keep_each_step_once(tmp_path):
   from experiments import export
   assert export.read_config(workdir).train.num_steps == longer.train.num_steps
   # A run that died after logging steps 4-5 past its checkpoint at 3 resumes from 3.
-  with open(os.path.join(workdir, "metrics.csv"), "w") as f:
-    f.write(",".join(train.CSV_FIELDS) + "\n" + "".join(f"{s},0.5" + "," * (len(
-        train.CSV_FIELDS) - 2) + "\n" for s in range(1, 6)))
+  logger = train.Logger(workdir, enabled=True)
+  for step in range(1, 6):
+    logger.write(step, dict(loss=0.5))
+  logger.close()
   train.Logger(workdir, enabled=True, start_step=3).close()
   with open(os.path.join(workdir, "metrics.csv")) as f:
     assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+  import tensorflow as tf
+  events = sorted((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 2  # the dead run's file and the resumed run's
+  logged = [(e.step, v.tag) for path in events for e in tf.compat.v1.train.summary_iterator(
+      str(path)) for v in e.summary.value]
+  assert logged == [(1, "loss"), (2, "loss"), (3, "loss")]
 
 
 @pytest.mark.parametrize("name", ["paper", "small", "tiny", "quickstart"])
