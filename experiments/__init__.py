@@ -29,6 +29,9 @@ import sys
 
 from absl import flags
 
+# Flags defined through DEFINE_path belong to the launcher that calls it, so --help lists them.
+flags.disclaim_key_flags()
+
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 # pyproject.toml's [project.scripts]: script name -> the launcher module it runs.

@@ -166,3 +166,16 @@ def test_path_flags_expand_the_home_folder():
   values.unparse_flags()
   values(["prog"])
   assert values.workdir == "runs"  # the default, as given
+
+
+@pytest.mark.parametrize("launcher, names", [
+    ("evaluate", ("checkpoint", "data_dir", "output_dir")),
+    ("separate", ("input", "checkpoint", "output_dir")),
+])
+def test_help_lists_each_launchers_path_flags(launcher, names):
+  """Flags made by DEFINE_path belong to the launcher, whose --help lists only its own."""
+  proc = subprocess.run([sys.executable, "-m", f"experiments.{launcher}", "--help"],
+                        capture_output=True, text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  for name in names:
+    assert f"\n  --{name}: " in proc.stdout, proc.stdout
