@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -397,12 +398,27 @@ def find_inputs(patterns: Sequence[str],
 
 
 def output_paths(input_path: str, output_dir: str, template: str, ext: str) -> dict[str, str]:
-  """The output file of each stem: `output_dir/template` with the `TEMPLATE_FIELDS`."""
+  """The output file of each stem: `output_dir/template` with the `TEMPLATE_FIELDS`.
+
+  Raises InputError when the filled-in template is not a file path inside `output_dir` (an
+  empty {trackext} or {folder} at its start would make it absolute, a trailing '/' or '.'
+  names no file)."""
   track, trackext = os.path.splitext(os.path.basename(input_path))
   folder = os.path.basename(os.path.dirname(os.path.abspath(input_path)))
-  return {stem: os.path.join(output_dir, template.format(
-      track=track, trackext=trackext.lstrip("."), folder=folder, stem=stem, ext=ext))
-          for stem in STEMS}
+  outputs = {}
+  for stem in STEMS:
+    try:
+      relative = template.format(track=track, trackext=trackext.lstrip("."), folder=folder,
+                                 stem=stem, ext=ext)
+    except (ValueError, IndexError, KeyError, AttributeError) as e:
+      raise InputError(f"{input_path}: output template {template!r} does not apply: {e}") from None
+    parts = relative.replace("\\", "/").split("/")
+    if (os.path.isabs(relative) or parts[0] == "" or parts[-1] in ("", ".", "..")
+        or ".." in parts):
+      raise InputError(f"{input_path}: output template {template!r} gives {relative!r}, which "
+                       "is not a file inside the output folder (an empty field?)")
+    outputs[stem] = os.path.join(output_dir, relative)
+  return outputs
 
 
 def check_template(template: str):
@@ -417,7 +433,13 @@ def check_template(template: str):
                      f"use {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
   if "stem" not in fields:
     raise ValueError(f"output template {template!r} must contain {{stem}} (one file per stem)")
+  try:
+    template.format(track="track", trackext="wav", folder="folder", stem="vocals", ext="wav")
+  except (ValueError, IndexError, KeyError, AttributeError) as e:
+    raise ValueError(f"bad output template {template!r}: {e}") from None
   parts = template.replace("\\", "/").split("/")
+  if parts[-1] in ("", ".", ".."):
+    raise ValueError(f"output template {template!r} must end in a file name")
   if os.path.isabs(template) or ".." in parts:
     raise ValueError(f"output template {template!r} must stay inside the output folder: a "
                      "relative path without '..'")
@@ -516,7 +538,9 @@ class _Writer:
       parent = os.path.dirname(parent)
     os.makedirs(directory, exist_ok=True)
     self._directory = directory
-    self._tmp = os.path.join(directory, f".{name}.partial-{os.getpid()}")
+    # Fixed-length: a name near the 255-byte limit must not overflow when the suffix is added.
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+    self._tmp = os.path.join(directory, f".{digest}.partial-{os.getpid()}")
     self._integer = bit_depth != "32f"
     self.clipped = 0
     self._file = None
@@ -601,6 +625,10 @@ def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
                           refresh=False)
     for writer in writers.values():
       writer.commit()
+  except MemoryError:
+    for writer in reversed(writers.values()):
+      writer.abort()
+    raise InputError(f"{path}: out of memory (lower --batch_size or --segment)") from None
   except (ValueError, RuntimeError, OSError) as e:  # bad samples, read or write errors
     for writer in reversed(writers.values()):  # the first one made the folders
       writer.abort()
@@ -628,6 +656,9 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
   Give either `checkpoint` (Orbax export or PyTorch file) or a ready `separator`. Bad inputs
   are logged with their path and skipped; the returned results carry their `error`.
   """
+  if isinstance(inputs, (str, bytes, os.PathLike)):  # one path, not a sequence of characters
+    inputs = [inputs]
+  inputs = [os.fsdecode(p) for p in inputs]
   fmt, bit_depth = fmt.lower(), str(bit_depth).lower()
   if (fmt, bit_depth) not in SUBTYPES:
     raise ValueError(f"unsupported --format={fmt} --bit_depth={bit_depth}; choose from "
@@ -644,7 +675,12 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
   sources = {os.path.realpath(p): p for p in paths}
   claimed = {}  # output path -> the input that writes it in this run
   for path in paths:
-    outputs = output_paths(path, output_dir, template, fmt)
+    try:
+      outputs = output_paths(path, output_dir, template, fmt)
+    except InputError as e:
+      logging.error("%s", e)
+      results.append(FileResult(path, error=str(e)))
+      continue
     clash = [p for p in outputs.values() if p in claimed]
     is_input = [p for p in outputs.values() if os.path.realpath(p) in sources]
     existing = [p for p in outputs.values() if os.path.exists(p)]

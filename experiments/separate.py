@@ -49,6 +49,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass files with --input")
   logging.set_verbosity(logging.INFO)
   signal.signal(signal.SIGTERM, _interrupt)
+  hangup = getattr(signal, "SIGHUP", None)  # the terminal closed (not on Windows)
+  if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:  # nohup: ignored
+    signal.signal(hangup, _interrupt)
   try:
     results = separation.separate_files(
         _INPUT.value, checkpoint=_CHECKPOINT.value, output_dir=_OUTPUT_DIR.value,

@@ -259,6 +259,8 @@ def test_inputs_folders_globs_formats_and_template(tmp_path):
     (dict(template="{song}/{stem}.{ext}"), "unknown field"),
     (dict(template="/elsewhere/{stem}.{ext}"), "must stay inside the output folder"),
     (dict(template="../{track}/{stem}.{ext}"), "must stay inside the output folder"),
+    (dict(template="{track}/{stem:d}.{ext}"), "bad output template"),
+    (dict(template="{track}/{stem}.{ext}/"), "must end in a file name"),
 ])
 def test_bad_options_are_rejected_up_front(tmp_path, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -354,6 +356,36 @@ def test_same_names_clash_until_the_template_tells_them_apart(tmp_path):
   assert results[1].outputs["vocals"] == str(tmp_path / "out" / "b" / "song.flac" / "vocals.wav")
 
 
+def test_one_path_is_one_input(tmp_path):
+  """A single str (or bytes) path is one input, not a sequence of one-character paths (`/`
+  searched the whole disk)."""
+  path = write(str(tmp_path / "in" / "song.wav"), noise(2, 9000), RATE)
+  [result] = run_files(tmp_path, path)
+  assert result.error is None
+  assert result.outputs["vocals"] == str(tmp_path / "out" / "song" / "vocals.wav")
+  [result] = run_files(tmp_path, os.fsencode(path), overwrite=True)
+  assert result.error is None
+
+
+def test_an_empty_template_field_never_writes_outside_the_output_folder(tmp_path):
+  os.rename(write(str(tmp_path / "in" / "take.wav"), noise(2, 9000), RATE),
+            tmp_path / "in" / "recording")  # no extension: {trackext} is empty
+  [result] = run_files(tmp_path, [str(tmp_path / "in" / "recording")],
+                       template=f"{{trackext}}{tmp_path}/escaped/{{stem}}.{{ext}}")
+  assert "is not a file inside the output folder" in result.error
+  assert not os.path.exists(tmp_path / "escaped") and not os.path.exists(tmp_path / "out")
+
+
+def test_output_names_near_the_length_limit_are_written(tmp_path):
+  """255 bytes is the usual limit of a file name; the temporary name must not exceed it when
+  the final one does not (248 bytes here)."""
+  name = "\u6b4c" * 76 + "ab"
+  path = write(str(tmp_path / "in" / f"{name}.wav"), noise(2, 9000), RATE)
+  [result] = run_files(tmp_path, [path], template="{track}_{stem}.{ext}")
+  assert result.error is None
+  assert len(os.fsencode(os.path.basename(result.outputs["accompaniment"]))) == 248
+
+
 def test_a_failed_input_does_not_claim_its_outputs(tmp_path):
   bad = str(tmp_path / "a" / "song.wav")
   os.makedirs(os.path.dirname(bad))
@@ -414,7 +446,8 @@ def test_write_errors_name_the_output(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_cli_cleans_up_on_sigterm(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal closed
+def test_cli_cleans_up_on_sigterm(tmp_path, signame):
   import subprocess
   import sys
 
@@ -427,7 +460,7 @@ calls = []
 def terminated_on_second_call(chunks):
   calls.append(1)
   if len(calls) == 2:
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.{signame})
   return chunks
 separation.Separator.from_checkpoint = classmethod(
     lambda cls, path, **kw: cls(terminated_on_second_call, **kw))
@@ -439,7 +472,7 @@ separate.run()
                         timeout=300,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 130, proc.stderr[-2000:]
-  assert "interrupted (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
+  assert f"interrupted ({signame})" in proc.stderr and "Traceback" not in proc.stderr
   assert not [f for _, _, files in os.walk(tmp_path / "out") for f in files]
 
 
