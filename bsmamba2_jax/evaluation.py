@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Iterable, Sequence
@@ -273,10 +274,26 @@ def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict
     _plot_segments(path("sdr_vs_segment.png"), study)
     written += ["segment_study.csv", "sdr_vs_segment.png"]
   with open(path("results.json"), "w") as f:
-    json.dump(dict(results, segment_study=list(study or [])), f, indent=1)
+    json.dump(_strict_json(dict(results, segment_study=list(study or []))), f, indent=1,
+              allow_nan=False)
   with open(path("results.md"), "w", encoding="utf-8", errors="surrogateescape") as f:
     f.write("# Evaluation\n\n" + markdown_report(results, study) + "\n")
-  return [path(f) for f in written + ["results.json", "results.md"]]
+  written += ["results.json", "results.md"]
+  for stale in set(existing) - set(written):  # e.g. an earlier run's segment study
+    os.remove(path(stale))
+  return [path(f) for f in written]
+
+
+def _strict_json(value: Any) -> Any:
+  """`value` with every non-finite float (an undefined score) as None, so results.json is
+  standard JSON (json.dump would write NaN, which strict parsers refuse)."""
+  if isinstance(value, dict):
+    return {k: _strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict_json(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "evaluation",

@@ -142,8 +142,12 @@ class MusdbDataset:
       raise MusdbError(f"{self.root}: no train/ or test/ folder; not a MUSDB18-HQ layout")
     list_file = os.path.join(self.root, VALIDATION_LIST)
     if os.path.isfile(list_file):
-      with open(list_file) as f:
-        self.validation_names = tuple(line.strip() for line in f if line.strip())
+      # Names that are not UTF-8 stay as os.listdir gives them (surrogates), so they match.
+      try:
+        with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
+          self.validation_names = tuple(line.strip() for line in f if line.strip())
+      except OSError as e:
+        raise MusdbError(f"{list_file}: cannot be read ({e.strerror or e})") from None
     else:
       self.validation_names = MUSDB_VALIDATION_TRACKS
     self._tracks: dict[str, list[Track]] = {}

@@ -51,6 +51,16 @@ def test_validation_list_file_overrides(root):
   assert [t.name for t in dataset.tracks("train")] == ["Actions - One Minute Smile"]
 
 
+def test_validation_list_that_is_not_utf8_matches_folder_names(root):
+  """A list saved in Latin-1 (or with a UTF-8 BOM) still names folders as os.listdir does."""
+  os.rename(root / "train" / "Some - Song", root / os.fsdecode(b"train/Caf\xe9 - Song"))
+  (root / musdb.VALIDATION_LIST).write_bytes(b"\xef\xbb\xbfOther - Song\nCaf\xe9 - Song\n")
+  dataset = musdb.MusdbDataset(str(root))
+  assert [t.name for t in dataset.tracks("valid")] == [os.fsdecode(b"Caf\xe9 - Song"),
+                                                        "Other - Song"]
+  assert [t.name for t in dataset.tracks("test")] == ["Test - Song"]
+
+
 def test_track_attributes_and_random_access(root):
   track = musdb.MusdbDataset(str(root)).tracks("test")[0]
   assert (track.num_samples, track.sample_rate, track.num_channels) == (3000, SR, 2)

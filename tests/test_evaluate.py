@@ -133,6 +133,15 @@ def test_reports_are_written_and_never_overwritten(dataset, tmp_path):
   with pytest.raises(FileExistsError, match="pass --overwrite"):
     evaluation.write_results(out, results, study)
   evaluation.write_results(out, results, None, overwrite=True)
+  # The replaced reports are this run's only: no earlier segment study is left beside them.
+  assert not os.path.exists(os.path.join(out, "segment_study.csv"))
+  assert not os.path.exists(os.path.join(out, "sdr_vs_segment.png"))
+  # An undefined score is null in results.json, which stays standard JSON.
+  results["tracks"][0] = dict(results["tracks"][0], vocals_csdr=float("nan"))
+  evaluation.write_results(out, results, None, overwrite=True)
+  with open(os.path.join(out, "results.json")) as f:
+    strict = json.load(f, parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
+  assert strict["tracks"][0]["vocals_csdr"] is None
   # A track folder whose name is not UTF-8 (os.fsdecode keeps its bytes as surrogates).
   odd = os.fsdecode(b"caf\xe9")
   results["tracks"][0] = dict(results["tracks"][0], track=odd)
