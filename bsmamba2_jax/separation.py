@@ -303,6 +303,9 @@ class Separator:
       audio = (audio - offset) / half_scale
     elif not np.issubdtype(audio.dtype, np.floating):
       raise ValueError(f"audio must be float or integer PCM samples, got dtype {audio.dtype}")
+    elif audio.size and np.isfinite(audio).all() and np.abs(audio).max() > np.finfo(np.float32).max:
+      raise ValueError(f"audio exceeds the float32 range (largest |sample| "
+                       f"{np.abs(audio).max():.3g}); full scale is ±1")
     is_number = (isinstance(sample_rate, (int, float, np.number))
                  and not isinstance(sample_rate, (bool, np.bool_)))
     if not (is_number and np.isfinite(sample_rate) and sample_rate > 0

@@ -148,6 +148,7 @@ def test_channel_adaptation():
     (np.zeros((3, 1000), np.float32), "3 channels"),
     (np.zeros((2, 0), np.float32), "empty"),
     (np.zeros((1, 2, 100), np.float32), "(samples,) or (channels, samples)"),
+    (np.full((2, 100), 1e39), "exceeds the float32 range"),  # finite, not "non-finite"
 ])
 def test_separate_rejects_bad_arrays(audio, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
