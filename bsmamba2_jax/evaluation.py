@@ -60,6 +60,21 @@ def score(references: dict[str, np.ndarray], estimates: dict[str, np.ndarray],
   return out
 
 
+# A MUSDB18-HQ mixture is the sum of its stems up to their 16-bit rounding (far below this);
+# above it, the folder holds another mix (mastered, or of other stems).
+MIXTURE_RESIDUAL_DB = -30.0
+
+
+def _energy_ratio_db(part: np.ndarray, whole: np.ndarray) -> float:
+  """10·log10(Σ part² / Σ whole²), -inf for a zero part (and for a silent whole, unless the
+  part is not silent: +inf)."""
+  num, den = float(np.sum(np.square(part, dtype=np.float64))), float(
+      np.sum(np.square(whole, dtype=np.float64)))
+  if num == 0:
+    return -np.inf
+  return np.inf if den == 0 else 10 * np.log10(num / den)
+
+
 def evaluate_track(separator, track) -> dict[str, Any]:
   """Separates one track with `separator.separate(audio, rate)` and scores it (one CSV row)."""
   sample_rate = track.sample_rate
@@ -70,6 +85,11 @@ def evaluate_track(separator, track) -> dict[str, Any]:
   mixture, vocals = stems["mixture"], stems["vocals"]
   accompaniment = stems["drums"] + stems["bass"] + stems["other"]
   references = {"vocals": vocals, "accompaniment": accompaniment}
+  residual_db = _energy_ratio_db(mixture - vocals - accompaniment, mixture)
+  if residual_db > MIXTURE_RESIDUAL_DB:  # then mixture - vocals is no accompaniment
+    logging.warning("%s: not the sum of the four stems (residual %.1f dB of the mixture); its "
+                    "accompaniment and mixture scores compare unlike signals",
+                    track.file("mixture"), residual_db)
   start = time.perf_counter()
   estimates = separator.separate(mixture, sample_rate)
   wall = time.perf_counter() - start
@@ -112,7 +132,8 @@ def evaluate(separator, data_dir: str, split: str = "test", *, progress: bool = 
 
   Returns {"tracks": per-track rows, "aggregate": median/mean/count per score,
   "baseline": the same for the mixture-as-estimate, "sparse": the vocal-activity breakdown,
-  "failed": [{"track", "error"}] of tracks that could not be scored (logged, left out)}.
+  "failed": [{"track", "error"}] of tracks that could not be scored (logged, left out),
+  "undefined": [{"track", "scores"}] of scored tracks with a NaN score (logged, listed)}.
   The split is listed first: a track folder with a missing or unreadable stem header raises
   `data_pipeline.musdb.MusdbError` naming the file before anything is separated (a score over
   an incomplete test set would not be comparable); "failed" holds the tracks that fail later,
@@ -138,14 +159,15 @@ def evaluate(separator, data_dir: str, split: str = "test", *, progress: bool = 
   if not rows:
     raise ValueError(f"{data_dir}: no track of split {split!r} could be scored; the first: "
                      f"{failed[0]['error']}")
-  unscored = sorted({r["track"] for r in rows for k in SCORES if np.isnan(r[k])})
-  if unscored:
+  undefined = [dict(track=r["track"], scores=", ".join(k for k in SCORES if np.isnan(r[k])))
+               for r in rows if any(np.isnan(r[k]) for k in SCORES)]
+  if undefined:
     logging.warning("%d track(s) with an undefined (NaN) score, left out of that score's "
-                    "aggregate (a stem silent in every frame?): %s", len(unscored),
-                    ", ".join(unscored))
+                    "aggregate (a stem silent in every frame?): %s", len(undefined),
+                    ", ".join(u["track"] for u in undefined))
   return dict(tracks=rows, aggregate=aggregate_rows(rows, SCORES),
               baseline=aggregate_rows(rows, BASELINE_SCORES), sparse=sparse_breakdown(rows),
-              failed=failed)
+              failed=failed, undefined=undefined)
 
 
 def segment_study(make_separator, segments: Sequence[float], data_dir: str,
@@ -198,6 +220,9 @@ def markdown_report(results: dict[str, Any], study: Sequence[dict] | None = None
   if results.get("failed"):
     text += ["\n## Tracks left out (could not be scored)", _table(results["failed"],
                                                                    ["track", "error"])]
+  if results.get("undefined"):
+    text += ["\n## Undefined scores (a reference silent in every frame; left out of their "
+             "aggregate)", _table(results["undefined"], ["track", "scores"])]
   return "\n".join(text)
 
 

@@ -227,6 +227,26 @@ def test_a_track_that_cannot_be_scored_is_left_out_and_reported(dataset, tmp_pat
   assert "## Tracks left out" in evaluation.markdown_report(results)
 
 
+def test_silent_vocals_and_a_foreign_mixture_are_named(dataset, tmp_path, caplog):
+  """A track whose vocals are silent throughout is scored but its cSDRs are undefined: listed
+  in the report. A mixture that is not the sum of its stems is warned about."""
+  import shutil
+  copy = shutil.copytree(dataset, tmp_path / "data")
+  quiet, foreign = MusdbDataset(str(copy)).tracks("test")
+  mixture, vocals, _ = true_stems(quiet)
+  sf.write(quiet.file("vocals"), np.zeros_like(vocals).T, RATE, subtype="FLOAT")
+  sf.write(quiet.file("mixture"), (mixture - vocals).T, RATE, subtype="FLOAT")
+  sf.write(foreign.file("mixture"), (0.3 * foreign.read_all("mixture")).T, RATE, subtype="FLOAT")
+  results = evaluation.evaluate(ScaledOracle(str(copy), 0.5), str(copy), "test", progress=False)
+  assert results["failed"] == []
+  # cSDR's frames are those where no reference is silent: here none, for either source.
+  scores = "vocals_csdr, accompaniment_csdr"
+  assert results["undefined"] == [dict(track=quiet.name, scores=scores)]
+  assert f"| {quiet.name} | {scores} |" in evaluation.markdown_report(results)
+  assert f"{foreign.file('mixture')}: not the sum of the four stems (residual 7.4 dB" in caplog.text
+  assert quiet.file("mixture") + ": not the sum" not in caplog.text
+
+
 def test_a_non_finite_separation_is_left_out_not_scored(dataset):
   """cSDR's nanmedian must not score the finite frames of a partly NaN estimate."""
   class PartlyBroken(ScaledOracle):
