@@ -628,14 +628,12 @@ def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
                           refresh=False)
     for writer in writers.values():
       writer.commit()
-  except MemoryError:
-    for writer in reversed(writers.values()):
-      writer.abort()
-    raise InputError(f"{path}: out of memory (lower --batch_size or --segment)") from None
-  except (ValueError, RuntimeError, OSError) as e:  # bad samples, read or write errors
+  except (ValueError, RuntimeError, OSError, MemoryError) as e:  # bad samples, read/write errors
     for writer in reversed(writers.values()):  # the first one made the folders
       writer.abort()
-    raise InputError(f"{path}: {e}") from None
+    problem = ("out of memory (lower --batch_size or --segment)" if isinstance(e, MemoryError)
+               else e)
+    raise InputError(f"{path}: {problem}") from None
   except BaseException:
     for writer in reversed(writers.values()):  # the first one made the folders
       writer.abort()
