@@ -74,7 +74,7 @@ def csdr_frames(references, estimates, sample_rate: int = 44100,
   den = np.sum((est - ref) ** 2, axis=(1, 3))
   silent = lambda x: np.any(np.all(np.sum(x, axis=1) == 0, axis=-1), axis=0)
   skip = silent(ref) | silent(est)  # (frames,)
-  with np.errstate(divide="ignore"):
+  with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 in silent frames: skipped below
     sdr = 10.0 * np.log10(num / den)
   sdr[:, skip] = np.nan
   return sdr
