@@ -449,7 +449,8 @@ def export_torch_checkpoint(export_dir: str, output_path: str, *, overwrite: boo
   tmp = output_path + ".partial"
   try:
     torch.save({"state_dict": collections.OrderedDict(
-        (k, torch.from_numpy(v)) for k, v in state_dict.items())}, tmp)
+        # Copies: the arrays may be read-only views, which torch.from_numpy warns about.
+        (k, torch.from_numpy(np.array(v))) for k, v in state_dict.items())}, tmp)
     os.replace(tmp, output_path)
   except (OSError, RuntimeError) as e:  # torch reports a full disk or no permission as either
     if os.path.exists(tmp):
