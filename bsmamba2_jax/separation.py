@@ -400,6 +400,15 @@ def find_inputs(patterns: Sequence[str],
   return sorted(unique.values()), missing
 
 
+def _path_problem(relative: str) -> str | None:
+  """Why `relative` (a template, or one filled in) is not a file path inside the output folder:
+  "no file name" (it ends in '/', '.' or '..'), "outside" (absolute, or with '..'), or None."""
+  parts = relative.replace("\\", "/").split("/")
+  if os.path.isabs(relative) or parts[0] == "" or ".." in parts:
+    return "outside"
+  return "no file name" if parts[-1] in ("", ".") else None
+
+
 def output_paths(input_path: str, output_dir: str, template: str, ext: str) -> dict[str, str]:
   """The output file of each stem: `output_dir/template` with the `TEMPLATE_FIELDS`.
 
@@ -415,9 +424,7 @@ def output_paths(input_path: str, output_dir: str, template: str, ext: str) -> d
                                  stem=stem, ext=ext)
     except (ValueError, IndexError, KeyError, AttributeError) as e:
       raise InputError(f"{input_path}: output template {template!r} does not apply: {e}") from None
-    parts = relative.replace("\\", "/").split("/")
-    if (os.path.isabs(relative) or parts[0] == "" or parts[-1] in ("", ".", "..")
-        or ".." in parts):
+    if _path_problem(relative):
       raise InputError(f"{input_path}: output template {template!r} gives {relative!r}, which "
                        "is not a file inside the output folder (an empty field?)")
     outputs[stem] = os.path.join(output_dir, relative)
@@ -440,10 +447,10 @@ def check_template(template: str):
     template.format(track="track", trackext="wav", folder="folder", stem="vocals", ext="wav")
   except (ValueError, IndexError, KeyError, AttributeError) as e:
     raise ValueError(f"bad output template {template!r}: {e}") from None
-  parts = template.replace("\\", "/").split("/")
-  if parts[-1] in ("", ".", ".."):
+  problem = _path_problem(template)
+  if problem == "no file name":
     raise ValueError(f"output template {template!r} must end in a file name")
-  if os.path.isabs(template) or ".." in parts:
+  if problem:
     raise ValueError(f"output template {template!r} must stay inside the output folder: a "
                      "relative path without '..'")
 
