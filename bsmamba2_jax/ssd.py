@@ -18,8 +18,8 @@ only forward in time in the others):
   written out (`jax.custom_vjp`, so reverse mode only) with every contraction in XLA's canonical
   batched-matmul form: autodiff's transposed operands made XLA:CPU transpose big arrays inside
   fused ops, which is slow for rows of h·p = 1024 floats (1.24x faster fwd+bwd at the paper's
-  62 x 801). Large batches of long sequences go
-  through `lax.map` a few sequences at a time, so their states stay in cache.
+  62 x 801). On CPU, large batches of long
+  sequences go through `lax.map` a few sequences at a time, so their states stay in cache.
 
 dt·A, cumulative sums, exponentials and states are float32 whatever the input dtype; the output
 has the dtype of `x`. Segment sums are built without cancellation (a cumulative sum of a masked
@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 
 METHODS = ("chunked", "associative", "sequential")
-# Once a batch's chunk states exceed UNBLOCKED_STATE_BYTES, "chunked" maps over blocks of
-# sequences holding about BLOCK_STATE_BYTES each (see _sequences_per_block).
+# On CPU, once a batch's chunk states exceed UNBLOCKED_STATE_BYTES, "chunked" maps over blocks
+# of sequences holding about BLOCK_STATE_BYTES each (see _sequences_per_block).
 UNBLOCKED_STATE_BYTES = 64 * 2**20
 BLOCK_STATE_BYTES = 8 * 2**20
 
@@ -319,9 +319,9 @@ def _chunked(x, a, dt, B, C, state, chunk_size, with_final):
   return y[:, :seqlen], None if final is None else jnp.einsum("bgnhp->bghpn", final)
 
 
-def _sequences_per_block(batch, seqlen, chunk_size, state_size):
+def _sequences_per_block(batch, seqlen, chunk_size, state_size, platform):
   """How many sequences the chunked method processes at a time (state_size = nheads·headdim·
-  d_state).
+  d_state) on `platform` (a JAX backend name: "cpu", "gpu", ...).
 
   Sequences longer than a chunk carry float32 (chunks, heads, headdim, d_state) states between
   chunks, 6.8 MB per sequence at the paper's 801 steps. Once a batch holds more than
@@ -331,7 +331,13 @@ def _sequences_per_block(batch, seqlen, chunk_size, state_size):
   (62 × 801) fwd+bwd ran 1.3x faster one sequence at a time (4.36 -> 3.37 s) and 1.35x faster
   again with the recomputation (3.92 -> 2.89 s), while at 2 and 8 sequences the loop gained
   nothing (0.087 -> 0.098 s, 0.35 -> 0.36 s).
+
+  Only a CPU has such a cache to fit: an accelerator takes the whole batch at once. On an H200
+  the blocks made the paper's time path 62 loop iterations of small kernels, most of a training
+  step's 69,000 kernel launches (benchmarks/results/2026-11-26-h200-3.md).
   """
+  if platform != "cpu":
+    return batch
   per_sequence = -(-seqlen // chunk_size) * state_size * 4
   if seqlen <= chunk_size or batch * per_sequence <= UNBLOCKED_STATE_BYTES:
     return batch
@@ -429,7 +435,8 @@ def _ssd_scan(x, dt, A, B, C, D, initial_state, *, method, chunk_size, with_fina
     y, final = with_skip(_associative)(xg, a, dtg, Bf, Cf, state)
   else:
     chunked = functools.partial(_chunked, chunk_size=chunk_size, with_final=with_final)
-    block = _sequences_per_block(batch, seqlen, chunk_size, nheads * headdim * d_state)
+    block = _sequences_per_block(batch, seqlen, chunk_size, nheads * headdim * d_state,
+                                 jax.default_backend())
     y, final = _blockwise(with_skip(chunked), block, xg, a, dtg, Bf, Cf, state)
 
   y = y.reshape(batch, seqlen, nheads, headdim)

@@ -168,9 +168,12 @@ def test_long_batches_go_through_in_blocks_with_the_same_values_and_gradients(mo
   state_size = NHEADS * HEADDIM * D_STATE
   monkeypatch.setattr(ssd, "UNBLOCKED_STATE_BYTES", 4 * 19 * state_size * 4)  # 19 chunks each
   monkeypatch.setattr(ssd, "BLOCK_STATE_BYTES", 3 * 19 * state_size * 4)
-  assert ssd._sequences_per_block(4, 300, CHUNK, state_size) == 4
-  assert ssd._sequences_per_block(5, 300, CHUNK, state_size) == 3
-  assert ssd._sequences_per_block(5, CHUNK, CHUNK, state_size) == 5
+  assert ssd._sequences_per_block(4, 300, CHUNK, state_size, "cpu") == 4
+  assert ssd._sequences_per_block(5, 300, CHUNK, state_size, "cpu") == 3
+  assert ssd._sequences_per_block(5, CHUNK, CHUNK, state_size, "cpu") == 5
+  # Blocks fit a CPU's cache; an accelerator runs the whole batch at once.
+  for platform in ("gpu", "cuda", "tpu"):
+    assert ssd._sequences_per_block(5, 300, CHUNK, state_size, platform) == 5
   jax.clear_caches()
   rng = np.random.default_rng(5)
   x, dt, A, B, C, D, state = (np.concatenate([v, v, v[:1]]) if v.ndim > 1 else v
