@@ -170,13 +170,16 @@ class Separator:
 
   `separate_batch` maps (batch_size, channels, segment_samples) float32 mixtures at
   `sample_rate` (44.1 kHz) to vocals of the same shape; it is always called with exactly that
-  shape (the last batch is zero-padded), so a jitted model compiles once. `shortest_segment`:
-  the shortest chunk in seconds it accepts (a model's: one STFT window).
+  shape (the last batch is zero-padded), so a jitted model compiles once. With
+  `fixed_batch=False` a last batch of k < batch_size chunks is padded only to the next power of
+  two: a short file then costs what it holds, not a whole batch, for at most log2(batch_size)
+  more compiled shapes (`from_model` does this). `shortest_segment`: the shortest chunk in
+  seconds it accepts (a model's: one STFT window).
   """
 
   def __init__(self, separate_batch: ChunkFn, *, sample_rate: int = MODEL_RATE,
                channels: int = 2, segment: float = 8.0, overlap: float = 0.25,
-               batch_size: int = 1, shortest_segment: float = 0.0):
+               batch_size: int = 1, shortest_segment: float = 0.0, fixed_batch: bool = True):
     if sample_rate != MODEL_RATE:
       raise ValueError(f"the model must run at {MODEL_RATE} Hz, got sample_rate={sample_rate}")
     if channels not in (1, 2):
@@ -195,6 +198,7 @@ class Separator:
     self.segment = segment
     self.overlap = overlap
     self.batch_size = batch_size
+    self.fixed_batch = fixed_batch
     self.segment_samples = int(round(segment * sample_rate))
     self.overlap_samples = int(round(overlap * self.segment_samples))
     if self.overlap_samples >= self.segment_samples:
@@ -213,6 +217,7 @@ class Separator:
     def separate_batch(chunks: np.ndarray) -> np.ndarray:
       return np.asarray(apply(params, jnp.asarray(chunks, jnp.float32)))
 
+    kwargs.setdefault("fixed_batch", False)  # jit compiles each batch shape on first use
     return cls(separate_batch, sample_rate=config.sample_rate,
                channels=config.audio_channels,
                shortest_segment=config.n_fft / config.sample_rate, **kwargs)
@@ -234,16 +239,21 @@ class Separator:
       items = np.repeat(chunks, 2, axis=1)
     else:  # stereo input, mono model: one batch item per channel
       items = chunks.reshape(k * ci, 1, s)
-    pad = -items.shape[0] % self.batch_size
-    items = np.concatenate([items, np.zeros((pad,) + items.shape[1:], np.float32)])
-    out = np.concatenate([
-        np.asarray(self.separate_batch(items[i:i + self.batch_size]), np.float32)
-        for i in range(0, items.shape[0], self.batch_size)])[:items.shape[0] - pad]
+    out = np.concatenate([self._separate_batch_padded(items[i:i + self.batch_size])
+                          for i in range(0, items.shape[0], self.batch_size)])
     if ci == self.channels:
       return out
     if self.channels == 2:
       return out.mean(axis=1, keepdims=True)
     return out.reshape(k, ci, s)
+
+  def _separate_batch_padded(self, items: np.ndarray) -> np.ndarray:
+    """(k, C, S) items, k <= batch_size -> their (k, C, S) vocals, zero-padded to the batch
+    shape `separate_batch` takes (batch_size, or with fixed_batch False the next power of two)."""
+    k = items.shape[0]
+    size = self.batch_size if self.fixed_batch else min(self.batch_size, 1 << (k - 1).bit_length())
+    padded = np.concatenate([items, np.zeros((size - k,) + items.shape[1:], np.float32)])
+    return np.asarray(self.separate_batch(padded), np.float32)[:k]
 
   def stream(self, blocks: Iterable[np.ndarray], sample_rate: int,
              channels: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -518,15 +528,31 @@ class _Reader:
       raise InputError(f"{path}: empty (no samples)")
 
   def blocks(self, frames: int) -> Iterator[np.ndarray]:
-    """Yields (channels, <= frames) float32 blocks."""
+    """Yields (channels, <= frames) float32 blocks.
+
+    A file that decodes to fewer frames than its header promises (a truncated MP3 or FLAC) is
+    separated as far as it decodes, with a warning; one that decodes nothing raises.
+    """
     if self._data is not None:
       for i in range(0, self._data.shape[1], frames):
         yield self._data[:, i:i + frames]
       return
+    decoded = 0
     while True:
-      block = self._file.read(frames, dtype="float32", always_2d=True)
-      if not len(block):
+      try:
+        block = self._file.read(frames, dtype="float32", always_2d=True)
+      except RuntimeError as e:  # libsndfile's decoders stop with an error mid-file
+        if not decoded:
+          raise
+        logging.warning("%s: decoding stopped after %d of the %d frames its header promises "
+                        "(%s); separating those", self.path, decoded, self.frames, e)
         return
+      if not len(block):
+        if decoded < self.frames:
+          logging.warning("%s: truncated file? its header promises %d frames, %d decoded; "
+                          "separating those", self.path, self.frames, decoded)
+        return
+      decoded += len(block)
       yield np.ascontiguousarray(block.T)
 
   def close(self):
@@ -633,6 +659,7 @@ def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
       bar.update(round(done / reader.sample_rate - bar.n, 2))
       bar.set_postfix_str(f"{done / reader.sample_rate / max(elapsed, 1e-9):.2f}x real time",
                           refresh=False)
+    result.seconds = done / reader.sample_rate  # what was decoded, if less was there
     for writer in writers.values():
       writer.commit()
   except (ValueError, RuntimeError, OSError, MemoryError) as e:  # bad samples, read/write errors

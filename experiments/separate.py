@@ -31,7 +31,9 @@ _BIT_DEPTH = flags.DEFINE_enum("bit_depth", "24", ["16", "24", "32f"],
 _SEGMENT = flags.DEFINE_float("segment", 8.0, "Chunk length in seconds.")
 _OVERLAP = flags.DEFINE_float(
     "overlap", 0.25, "Chunk overlap fraction in [0, 1); 0 is the official non-overlapping mode.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Chunks per model call.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 1, "Chunks per model call; a file's last call takes the next power of two "
+    "at or above the chunks it has left (compiled once per size).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per file.")
 

@@ -93,6 +93,23 @@ def test_overlap_zero_is_the_official_mode_exactly(n, batch_size):
   assert set(rec.shapes) == {(batch_size, 2, 8820)}  # one fixed shape: compiled once
 
 
+@pytest.mark.parametrize("chunks,in_channels,model_channels,batch_size,calls", [
+    (1, 2, 2, 8, [1]), (3, 2, 2, 8, [4]), (8, 2, 2, 8, [8]), (11, 2, 2, 8, [8, 4]),
+    (5, 2, 2, 6, [6]), (2, 2, 1, 8, [4]), (3, 1, 2, 4, [4])])
+def test_last_batch_is_padded_to_a_power_of_two_unless_fixed(chunks, in_channels, model_channels,
+                                                              batch_size, calls):
+  x = noise(in_channels, chunks * 8820, seed=3)
+  expected = official_chunking(boundary_revealing, x, 8820)
+  for fixed, sizes in ((True, [batch_size] * len(calls)), (False, calls)):
+    rec = Recorder(boundary_revealing)
+    sep = Separator(rec, channels=model_channels, segment=0.2, overlap=0.0,
+                    batch_size=batch_size, fixed_batch=fixed)
+    out = sep.separate(x, RATE)["vocals"]
+    assert [shape[0] for shape in rec.shapes] == sizes
+    if model_channels == in_channels:
+      np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("n", [3000, 8821, 30001])
 @pytest.mark.parametrize("overlap", [0.25, 0.6])
 def test_crossfade_matches_direct_overlap_add(n, overlap):
@@ -311,6 +328,25 @@ def test_truncated_wav_is_separated_with_a_warning(tmp_path, caplog):
       caplog.text)
   flac = write(str(tmp_path / "in" / "song.flac"), noise(2, 100), RATE, subtype="PCM_16")
   assert separation.wav_header_frames(flac) is None
+
+
+@pytest.mark.parametrize("fmt,message", [
+    ("FLAC", "decoding stopped after {n} of the 220500 frames its header promises"),
+    ("MP3", "truncated file? its header promises 220500 frames, {n} decoded")])
+def test_truncated_compressed_file_is_separated_as_far_as_it_decodes(tmp_path, caplog, fmt,
+                                                                     message):
+  if fmt not in sf.available_formats():
+    pytest.skip(f"this libsndfile cannot write {fmt}")
+  path = str(tmp_path / f"cut.{fmt.lower()}")
+  sf.write(path, noise(2, 5 * RATE, seed=7).T, RATE, format=fmt)
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:  # a download that stopped half way
+    f.write(data[:len(data) // 2])
+  [result] = run_files(tmp_path, [path])
+  assert result.error is None
+  n = sf.info(result.outputs["vocals"]).frames
+  assert RATE < n < 4 * RATE and result.seconds == n / RATE
+  assert f"{path}: " + message.format(n=n) in caplog.text
 
 
 def test_existing_outputs_need_overwrite(tmp_path):
@@ -547,7 +583,7 @@ def test_model_segment_must_hold_one_stft_window(tiny_model):
   shortest = model.config.n_fft / model.config.sample_rate
   with pytest.raises(ValueError, match=f"at least {shortest:.3f} \\(one STFT window"):
     Separator.from_model(model, params, segment=0.5 * shortest)
-  Separator.from_model(model, params, segment=shortest)
+  assert not Separator.from_model(model, params, segment=shortest).fixed_batch  # jit: any batch
 
 
 def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
