@@ -665,8 +665,8 @@ def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
   except (ValueError, RuntimeError, OSError, MemoryError) as e:  # bad samples, read/write errors
     for writer in reversed(writers.values()):  # the first one made the folders
       writer.abort()
-    problem = ("out of memory (lower --batch_size or --segment)" if isinstance(e, MemoryError)
-               else e)
+    out_of_memory = isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)  # host/device
+    problem = "out of memory (lower --batch_size or --segment)" if out_of_memory else e
     raise InputError(f"{path}: {problem}") from None
   except BaseException:
     for writer in reversed(writers.values()):  # the first one made the folders

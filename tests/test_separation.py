@@ -349,6 +349,18 @@ def test_truncated_compressed_file_is_separated_as_far_as_it_decodes(tmp_path, c
   assert f"{path}: " + message.format(n=n) in caplog.text
 
 
+@pytest.mark.parametrize("error", [
+    MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                "12.5GiB.\nBuffer assignment details...")])
+def test_out_of_memory_is_one_line_with_the_remedy(tmp_path, error):
+  def separate_batch(chunks):
+    raise error
+  path = write(str(tmp_path / "in" / "song.wav"), noise(2, 9000), RATE)
+  [result] = run_files(tmp_path, [path], separator=Separator(separate_batch, segment=0.1))
+  assert result.error == f"{path}: out of memory (lower --batch_size or --segment)"
+  assert not os.path.exists(tmp_path / "out" / "song")
+
+
 def test_existing_outputs_need_overwrite(tmp_path):
   path = write(str(tmp_path / "song.wav"), noise(2, 9000), RATE)
   out = tmp_path / "out" / "song" / "vocals.wav"
