@@ -249,6 +249,9 @@ def check_config(config: ml_collections.ConfigDict, max_minutes: float | None) -
 # Settings a resumed run must share with the run that wrote the workdir: the parameter and
 # optimiser-state shapes depend on them.
 RESUME_KEYS = (("model",), ("precision",), ("data", "mono"), ("optimizer", "accumulate"))
+# Model settings that change how the step computes, not the weights: a run may resume with them
+# changed (e.g. remat switched on after running out of memory).
+COMPUTE_ONLY_OVERRIDES = ("chunk_size", "scan_method", "remat")
 
 
 LOCK_FILE = "train.lock"
@@ -299,8 +302,18 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         previous = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupted config of a previous run ({e})") from None
+
+    def weights_view(run: dict) -> dict:
+      """`run` without the compute-only model overrides."""
+      run = dict(run)
+      if isinstance(run.get("model"), dict) and isinstance(run["model"].get("overrides"), dict):
+        overrides = {k: v for k, v in run["model"]["overrides"].items()
+                     if k not in COMPUTE_ONLY_OVERRIDES}
+        run["model"] = dict(run["model"], overrides=overrides)
+      return run
+
     for keys in RESUME_KEYS:
-      before, now = previous, current
+      before, now = weights_view(previous), weights_view(current)
       for key in keys:
         before = before.get(key) if isinstance(before, dict) else None
         now = now.get(key) if isinstance(now, dict) else None
@@ -370,6 +383,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _prepare_workdir(config, workdir)
     return _train(config, workdir, start_time=start_time, max_minutes=max_minutes,
                   progress=progress)
+
+
+def out_of_memory_message(error: Exception, config: ml_collections.ConfigDict) -> str:
+  """One line for a training step that did not fit in device memory, with what to change."""
+  remedies = ["lower --config.train.per_device_batch_size (raise --config.optimizer.accumulate "
+              "to keep the segments per update)"]
+  if not config.model.overrides.get("remat"):
+    remedies.append("set --config.model.overrides.remat=True (recompute activations)")
+  remedies.append("shorten --config.data.segment_seconds")
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return (f"the training step does not fit in device memory ({first_line}); "
+          + ", or ".join(remedies))
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float,
@@ -454,7 +479,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
       except Exception:  # a data error
         save_before_failing(state_r)
         raise
-      state_r, step_metrics = experiment.train_step(state_r, batch)
+      try:
+        state_r, step_metrics = experiment.train_step(state_r, batch)
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        raise ValueError(out_of_memory_message(e, config)) from None
       step += 1
       if bar is not None:
         bar.update(1)

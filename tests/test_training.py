@@ -449,6 +449,36 @@ def test_data_error_mid_run_is_one_line_and_keeps_the_steps(tmp_path, env, data_
   manager.close()
 
 
+def test_step_out_of_device_memory_is_one_line_naming_the_remedies(tmp_path, data_dir,
+                                                                    monkeypatch):
+  import jax
+
+  from experiments import train
+  namespace = {}
+  exec(MICRO, namespace)  # pylint: disable=exec-used
+  config = namespace["micro_config"](data_dir, 3)
+
+  class OutOfMemory(train.Experiment):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+
+      def train_step(state, batch):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 61.45GiB.\nmore detail")
+      self.train_step = train_step
+
+  monkeypatch.setattr(train, "Experiment", OutOfMemory)
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  message = str(error.value)
+  assert message.startswith("the training step does not fit in device memory (RESOURCE_EXHAUSTED:"
+                            " Out of memory while trying to allocate 61.45GiB.)")
+  assert "\n" not in message and "per_device_batch_size" in message
+  assert "overrides.remat=True" in message
+  config.model.overrides.remat = True  # already on: not suggested again
+  assert "remat" not in train.out_of_memory_message(RuntimeError("RESOURCE_EXHAUSTED"), config)
+
+
 def test_precision_auto_is_float32_on_cpu_and_bfloat16_on_accelerators():
   from experiments import train
   from experiments.configs import paper, small
@@ -574,6 +604,14 @@ def test_resume_refuses_other_shapes_and_metrics_keep_each_step_once(tmp_path):
     other[section][key] = value
     with pytest.raises(ValueError, match=f"different {section}.{key} config"):
       train._prepare_workdir(other, workdir)
+  wider = tiny.get_config()
+  wider.model.overrides.dim = 64
+  with pytest.raises(ValueError, match="different model config"):
+    train._prepare_workdir(wider, workdir)
+  for key, value in (("remat", True), ("chunk_size", 32)):  # same weights, other computation
+    other = tiny.get_config()
+    other.model.overrides[key] = value
+    train._prepare_workdir(other, workdir)
   longer = tiny.get_config()
   longer.train.num_steps = 2 * config.train.num_steps
   train._prepare_workdir(longer, workdir)  # extending a run records its new length

@@ -7,6 +7,7 @@ from experiments.configs import paper
 def get_config() -> ml_collections.ConfigDict:
   config = paper.get_config()
   config.model.preset = "small"
+  config.model.overrides.remat = None  # the preset's (off): small activations
   config.data.segment_seconds = 4.0
   config.train.num_steps = 50_000
   config.train.per_device_batch_size = 2

@@ -8,6 +8,7 @@ from experiments.configs import paper
 def get_config() -> ml_collections.ConfigDict:
   config = paper.get_config()
   config.model.preset = "tiny"
+  config.model.overrides.remat = None  # the preset's (off): small activations
   config.data.dir = "data/synthetic"
   config.data.synthetic.generate = True
   config.data.segment_seconds = 1.0
