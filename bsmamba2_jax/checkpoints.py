@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -69,13 +70,33 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
       raise FileExistsError(f"{directory}: exists and is not a bsmamba2-jax export (its "
                             f"{CONFIG_FILE} is missing or is not an export's, e.g. a training "
                             "workdir); refusing to overwrite it")
-    os.remove(os.path.join(directory, CONFIG_FILE))
-    shutil.rmtree(os.path.join(directory, PARAMS_DIR), ignore_errors=True)
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.fsencode(directory).decode("utf-8")
+  except UnicodeDecodeError:
+    raise CheckpointError(f"{directory}: not a UTF-8 path, which Orbax (TensorStore) cannot "
+                          "write; choose another output folder") from None
   params = jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
-  write_json_atomically(os.path.join(directory, CONFIG_FILE), content)
+  # Written next to the target first: a failed or interrupted write leaves neither a half export
+  # (which would block the next attempt) nor a previous export deleted.
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+  try:
+    try:
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
+    except Exception as e:  # Orbax/TensorStore raise many types (full disk, bad path ...)
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise CheckpointError(f"{directory}: cannot write the export ({type(e).__name__}: "
+                            f"{first_line[:200]})") from None
+    if os.path.isdir(directory) and os.listdir(directory):  # a previous export, checked above
+      os.remove(os.path.join(directory, CONFIG_FILE))
+      shutil.rmtree(os.path.join(directory, PARAMS_DIR), ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+    os.replace(os.path.join(staging, PARAMS_DIR), os.path.join(directory, PARAMS_DIR))
+    write_json_atomically(os.path.join(directory, CONFIG_FILE), content)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return directory
 
 
@@ -165,19 +186,29 @@ def load_inference(path: str) -> tuple[ModelConfig, Any, dict]:
   return config, jax.tree_util.tree_map(jnp.asarray, params), metadata
 
 
+def _looks_like_torch(path: str) -> bool:
+  """Whether a file starts as torch.save writes: a zip archive or a pickle (`.pth.tar`, ...)."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(4)
+  except OSError:
+    return False
+  return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def load_model(path: str, **config_overrides: Any) -> tuple[BSMamba2, Any]:
   """(BSMamba2 model, params) from an export directory or a PyTorch checkpoint file.
 
   `config_overrides` replace compute-only ModelConfig fields of the stored config (e.g.
   `dtype="bfloat16"`, `scan_method=...`, `chunk_size=...`, `remat=...`).
   """
-  path = os.fspath(path)
+  path = os.fsdecode(os.fspath(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such checkpoint (expected an export directory or a "
                             f"PyTorch file {'/'.join(TORCH_SUFFIXES)})")
   if os.path.isdir(path):
     config, params, _ = load_inference(path)
-  elif path.endswith(TORCH_SUFFIXES):
+  elif path.lower().endswith(TORCH_SUFFIXES) or _looks_like_torch(path):
     config, params = load_torch_checkpoint(path)
   else:
     raise CheckpointError(f"{path}: unrecognised checkpoint file; expected an export directory "

@@ -55,11 +55,23 @@ class _Opaque:
   def __call__(self, *args, **kwargs):
     return _Opaque(*args, **kwargs)
 
+  # Pickles of dict and list subclasses (defaultdict, Lightning's AttributeDict, omegaconf
+  # containers ...) fill the new object with SETITEMS / APPENDS.
+  def __setitem__(self, key, value):
+    self.__dict__.setdefault("items", {})[key] = value
+
+  def append(self, value):
+    self.__dict__.setdefault("values", []).append(value)
+
+  def extend(self, values):
+    for value in values:
+      self.append(value)
+
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   """torch._utils._rebuild_tensor_v2 as a NumPy copy."""
-  if not size:
-    return storage[offset].copy()
+  if not size:  # a 0-dim tensor: an array, not a NumPy scalar (state_dict values are arrays)
+    return np.array(storage[offset])
   view = np.lib.stride_tricks.as_strided(
       storage[offset:], shape=tuple(size), strides=[s * storage.itemsize for s in stride])
   return np.array(view)
@@ -124,6 +136,13 @@ def _load_torch_zip(path: str) -> Any:
 def _load_any(path: str) -> Any:
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file")
+  if os.path.isdir(path):
+    raise CheckpointError(f"{path}: is a folder, not a PyTorch checkpoint file")
+  try:
+    with open(path, "rb") as f:
+      head = f.read(4)
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
   if zipfile.is_zipfile(path):
     try:
       return _load_torch_zip(path)
@@ -132,10 +151,12 @@ def _load_any(path: str) -> Any:
     except Exception as e:  # truncated zip, bad pickle, unknown storage ...
       raise CheckpointError(f"{path}: corrupted or unsupported PyTorch checkpoint "
                             f"({type(e).__name__}: {e})") from None
-  with open(path, "rb") as f:
-    if f.read(1) != b"\x80":  # the PROTO opcode that starts a legacy torch.save pickle
-      raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
-                            "pickle)")
+  if head.startswith(b"PK\x03\x04"):  # a zip's first entry, but no end record
+    raise CheckpointError(f"{path}: truncated or corrupted PyTorch checkpoint (a zip archive "
+                          "without its end; an incomplete download or copy?)")
+  if head[:1] != b"\x80":  # the PROTO opcode that starts a legacy torch.save pickle
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
+                          "pickle)")
   try:
     import torch
   except ImportError:
@@ -165,8 +186,20 @@ def _tensors_to_numpy(obj: Any) -> Any:
 
 
 def _is_state_dict(obj: Any) -> bool:
+  """{str: array}; a module's `_extra_state` entries (any object) are allowed and dropped."""
   return isinstance(obj, dict) and bool(obj) and all(
-      isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+      isinstance(k, str) and (isinstance(v, np.ndarray) or k.endswith("_extra_state"))
+      for k, v in obj.items()) and any(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def _arrays(state_dict: dict) -> dict:
+  return {k: v for k, v in state_dict.items() if isinstance(v, np.ndarray)}
+
+
+# Where people keep the weights: Lightning (`state_dict`), plain training scripts (`model`,
+# `model_state_dict`); and EMA copies saved next to them (timm's `state_dict_ema`, ...).
+_WEIGHT_KEYS = ("state_dict", "model_state_dict", "model")
+_EMA_KEYS = ("ema", "model_ema", "state_dict_ema", "ema_state_dict")
 
 
 def _ema_weights(checkpoint: dict, state_dict: dict, path: str) -> dict:
@@ -176,6 +209,9 @@ def _ema_weights(checkpoint: dict, state_dict: dict, path: str) -> dict:
   entries (`model.*`) in the state_dict, which holds no buffers of the model. Buffers outside it
   (the STFT windows of the featurizers) are not parameters and are skipped.
   """
+  for key in _EMA_KEYS:
+    if _is_state_dict(checkpoint.get(key)):
+      return _arrays(checkpoint[key])
   keys = [k for k in state_dict if k.startswith("model.")] or list(state_dict)
   for opt_state in checkpoint.get("optimizer_states", []) or []:
     if isinstance(opt_state, dict) and isinstance(opt_state.get("ema"), (list, tuple)):
@@ -185,8 +221,8 @@ def _ema_weights(checkpoint: dict, state_dict: dict, path: str) -> dict:
         raise CheckpointError(f"{path}: the {len(ema)} EMA tensors in the optimizer state do not "
                               f"line up with the {len(keys)} model parameters of the state_dict")
       return collections.OrderedDict(zip(keys, (np.asarray(e) for e in ema)))
-  raise CheckpointError(f"{path}: no EMA weights found (optimizer_states[*]['ema']); "
-                        "convert without use_ema")
+  raise CheckpointError(f"{path}: no EMA weights found (optimizer_states[*]['ema'], or "
+                        f"{'/'.join(_EMA_KEYS)} next to the weights); convert without use_ema")
 
 
 def read_torch_checkpoint(path: str, use_ema: bool = False) -> dict[str, np.ndarray]:
@@ -196,24 +232,38 @@ def read_torch_checkpoint(path: str, use_ema: bool = False) -> dict[str, np.ndar
   EMA weights of the optimizer state are returned under the same names.
   """
   obj = _load_any(path)
-  if isinstance(obj, dict) and _is_state_dict(obj.get("state_dict")):
-    state_dict = obj["state_dict"]
-    return _ema_weights(obj, state_dict, path) if use_ema else dict(state_dict)
+  for key in _WEIGHT_KEYS:
+    if isinstance(obj, dict) and _is_state_dict(obj.get(key)):
+      state_dict = _arrays(obj[key])
+      return _ema_weights(obj, state_dict, path) if use_ema else state_dict
   if _is_state_dict(obj):
     if use_ema:
       raise CheckpointError(f"{path}: a bare state_dict holds no EMA weights")
-    return dict(obj)
-  raise CheckpointError(f"{path}: holds neither a Lightning checkpoint with a state_dict nor a "
-                        "state_dict of tensors")
+    return _arrays(obj)
+  found = f" (its top-level keys: {sorted(map(str, obj))[:8]})" if isinstance(obj, dict) else ""
+  raise CheckpointError(f"{path}: holds no state_dict of tensors, bare or under "
+                        f"{'/'.join(_WEIGHT_KEYS)}{found}")
 
 
 # ------------------------------------------------------------------------------- the name table
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
 def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-  """Drops the Lightning `model.` prefix; with it present, other entries (STFT windows) go."""
-  if any(k.startswith("model.") for k in state_dict):
-    return {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-  return dict(state_dict)
+  """Drops the Lightning `model.` prefix (with it present, other entries such as STFT windows
+  go) and the prefixes that wrappers add to every key: `module.` (DataParallel, DDP) and
+  `_orig_mod.` (torch.compile), in whatever order they nest."""
+  sd = dict(state_dict)
+  while sd:
+    wrapper = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+    if wrapper:
+      sd = {k[len(wrapper):]: v for k, v in sd.items()}
+    elif any(k.startswith("model.") for k in sd):
+      sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    else:
+      return sd
+  return sd
 
 
 Entry = tuple[str, tuple[str, ...], str, "int | None"]
@@ -296,7 +346,8 @@ def infer_config(state_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
 
   def shape(key: str) -> tuple[int, ...]:
     if key not in sd:
-      raise CheckpointError(f"missing key {key!r}: cannot infer the model's hyperparameters")
+      raise CheckpointError(f"missing key {key!r}: cannot infer the model's hyperparameters "
+                            f"(the state_dict's keys begin {sorted(sd)[:3]})")
     return tuple(np.shape(sd[key]))
 
   num_bands = 0

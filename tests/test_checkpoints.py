@@ -142,3 +142,42 @@ def test_training_checkpoints_keep_last_and_best(tmp_path):
   reopened.save(7, state, meta={"data_position": 7}, metrics={"usdr": 0.0})
   assert reopened.all_steps() == [2, 6, 7]  # Step 2 stays best across the restart.
   reopened.close()
+
+
+def test_load_model_reads_torch_files_by_content(tmp_path):
+  """`.pth.tar` or `.PT`: what convert_torch reads, separation reads too."""
+  torch = pytest.importorskip("torch")
+  from bsmamba2_jax import convert
+  from bsmamba2_jax.model import abstract_params
+  config = ModelConfig.preset("tiny", dim=8, depth=1, d_state=4, expand=2, headdim=8,
+                              n_fft=1024, band_widths=(256, 256, 1), audio_channels=1)
+  params = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), abstract_params(config))
+  sd = convert.params_to_torch_state_dict(config, params)
+  for name in ("model.pth.tar", "model.PT"):
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / name)
+    model, _ = checkpoints.load_model(str(tmp_path / name))
+    assert model.config.n_fft == 1024 and model.config.hop_length == 441
+
+
+def test_failed_export_write_keeps_the_previous_export(tmp_path, params, monkeypatch):
+  path = tmp_path / "export"
+  checkpoints.save_inference(path, CONFIG, params, metadata={"step": 1})
+
+  def fail(self, *args, **kwargs):
+    raise RuntimeError("disk full\nmore detail")
+  monkeypatch.setattr(checkpoints.ocp.StandardCheckpointer, "save", fail)
+  with pytest.raises(checkpoints.CheckpointError, match=r"export: cannot write the export "
+                                                        r"\(RuntimeError: disk full\)$"):
+    checkpoints.save_inference(path, CONFIG, params, overwrite=True, metadata={"step": 2})
+  monkeypatch.undo()
+  _, restored, metadata = checkpoints.load_inference(path)
+  assert metadata == {"step": 1}
+  _assert_trees_equal(params, restored)
+  assert sorted(os.listdir(tmp_path)) == ["export"]  # nothing half-written left behind
+
+
+def test_non_utf8_export_folder_is_refused_in_one_line(tmp_path, params):
+  path = os.path.join(str(tmp_path), os.fsdecode(b"out\xfe"))
+  with pytest.raises(checkpoints.CheckpointError, match="not a UTF-8 path"):
+    checkpoints.save_inference(path, CONFIG, params)
+  assert os.listdir(tmp_path) == []  # a rerun is not blocked by a half export

@@ -198,3 +198,85 @@ def test_cli_converts_to_an_export_that_load_model_reads(tmp_path, expected):
       with pytest.raises(convert.CheckpointError, match=message):
         convert.export_torch_checkpoint(str(out), str(bad), overwrite=True)
     assert not list(tmp_path.glob("*.partial"))
+
+
+# ---------------------------------------------------------------- checkpoints saved other ways
+
+def _micro_tensors():
+  torch = pytest.importorskip("torch")
+  sd = convert.read_torch_checkpoint(CKPT)
+  return torch, {k[len("model."):]: torch.from_numpy(v) for k, v in sd.items()
+                 if k.startswith("model.")}
+
+
+def _assert_same_as_official(path, **kwargs):
+  _, want = convert.load_torch_checkpoint(CKPT, hop_length=64)
+  _, got = convert.load_torch_checkpoint(str(path), hop_length=64, **kwargs)
+  for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+    assert np.array_equal(a, b)
+
+
+def test_zero_dim_tensors_and_extra_state_do_not_hide_the_state_dict(tmp_path):
+  """A 0-dim tensor (num_batches_tracked, n_averaged, a scalar buffer) is an array like the rest."""
+  torch, sd = _micro_tensors()
+  path = tmp_path / "scalar.ckpt"
+  torch.save({"state_dict": {**{"model." + k: v for k, v in sd.items()},
+                             "model_ema.n_averaged": torch.tensor(5),
+                             "model.loss._extra_state": None}}, path)
+  whole = convert._load_torch_zip(str(path))
+  assert isinstance(whole["state_dict"]["model_ema.n_averaged"], np.ndarray)
+  _assert_same_as_official(path)
+
+
+def test_pickled_dict_and_list_subclasses_stay_inert(tmp_path):
+  """Lightning's AttributeDict, defaultdict, list subclasses among the hyperparameters."""
+  import collections
+  torch, sd = _micro_tensors()
+  path = tmp_path / "extras.ckpt"
+  torch.save({"state_dict": {"model." + k: v for k, v in sd.items()},
+              "hyper_parameters": _AttrDict(lr=1e-3),
+              "loops": collections.defaultdict(list, fit=[1]), "cb": _List([1, 2])}, path)
+  _assert_same_as_official(path)
+
+
+class _AttrDict(dict):
+  pass
+
+
+class _List(list):
+  pass
+
+
+@pytest.mark.parametrize("layout", ["ddp", "compile", "lightning_ddp", "lightning_compile",
+                                    "model", "model_state_dict", "ema", "state_dict_ema"])
+def test_checkpoints_saved_the_usual_ways(tmp_path, layout):
+  torch, sd = _micro_tensors()
+  prefixed = lambda p: {p + k: v for k, v in sd.items()}
+  noise = {k: v + 1 for k, v in sd.items()}
+  obj = {"ddp": prefixed("module."), "compile": prefixed("_orig_mod."),
+         "lightning_ddp": {"state_dict": prefixed("model.module.")},
+         "lightning_compile": {"state_dict": prefixed("model._orig_mod.")},
+         "model": {"model": sd, "epoch": 3}, "model_state_dict": {"model_state_dict": sd},
+         "ema": {"model": noise, "ema": sd},
+         "state_dict_ema": {"state_dict": noise, "state_dict_ema": sd}}[layout]
+  path = tmp_path / f"{layout}.pth"
+  torch.save(obj, path)
+  _assert_same_as_official(path, use_ema=layout in ("ema", "state_dict_ema"))
+
+
+def test_unknown_layout_names_what_it_found(tmp_path):
+  torch, sd = _micro_tensors()
+  path = tmp_path / "net.pt"
+  torch.save({"net." + k: v for k, v in sd.items()}, path)
+  with pytest.raises(convert.CheckpointError, match=r"net\.pt: missing key .*keys begin \['net\."):
+    convert.load_torch_checkpoint(str(path), hop_length=64)
+
+
+def test_folder_and_truncated_zip_are_named(tmp_path):
+  with pytest.raises(convert.CheckpointError, match="is a folder"):
+    convert.read_torch_checkpoint(str(tmp_path))
+  truncated = tmp_path / "half.ckpt"
+  data = open(CKPT, "rb").read()
+  truncated.write_bytes(data[:len(data) // 2])
+  with pytest.raises(convert.CheckpointError, match=r"half\.ckpt: truncated or corrupted"):
+    convert.read_torch_checkpoint(str(truncated))
