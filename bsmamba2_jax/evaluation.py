@@ -278,16 +278,23 @@ OUTPUT_FILES = ("per_track.csv", "results.json", "results.md", "per_track.png",
                 "sparse_vocals.csv", "segment_study.csv", "sdr_vs_segment.png")
 
 
+def existing_reports(output_dir: str, overwrite: bool) -> list[str]:
+  """The report files (OUTPUT_FILES) already in `output_dir`; FileExistsError if there are any
+  and not `overwrite`."""
+  existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
+  if existing and not overwrite:
+    raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "
+                          "--overwrite or another --output_dir")
+  return existing
+
+
 def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict] | None = None,
                   *, overwrite: bool = False) -> list[str]:
   """Writes CSV, JSON, markdown and PNG reports into `output_dir`; returns their paths.
 
   Refuses to replace earlier reports there unless `overwrite`.
   """
-  existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
-  if existing and not overwrite:
-    raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "
-                          "--overwrite or another --output_dir")
+  existing = existing_reports(output_dir, overwrite)
   os.makedirs(output_dir, exist_ok=True)
   path = lambda name: os.path.join(output_dir, name)
   _write_csv(path("per_track.csv"), results["tracks"])
@@ -348,10 +355,7 @@ def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
     raise PermissionError(f"{output_dir}: cannot be written ({parent} is not a writable "
                           "folder); choose another --output_dir")
-  existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
-  if existing and not overwrite:
-    raise FileExistsError(f"{output_dir}: already holds {', '.join(existing)}; pass "
-                          "--overwrite or another --output_dir")
+  existing_reports(output_dir, overwrite)  # refused before the long run, not after it
   model, params = checkpoints.load_model(checkpoint)
   separators = {}
 
