@@ -117,6 +117,11 @@ class Track:
     if data.shape[0] != length:
       raise MusdbError(f"{self.file(stem)}: read {data.shape[0]} of {length} samples at "
                        f"{start} (truncated file?)")
+    finite = np.isfinite(data)
+    if not finite.all():  # a float WAV can hold NaN/Inf; they would poison losses and scores
+      first = start + int(np.argmin(finite.all(axis=1)))
+      raise MusdbError(f"{self.file(stem)}: non-finite samples (NaN or Inf), the first at "
+                       f"sample {first}")
     return np.ascontiguousarray(data.T)
 
   def read_all(self, stem: str) -> np.ndarray:
@@ -159,9 +164,14 @@ class MusdbDataset:
     path = os.path.join(self.root, folder)
     if not os.path.isdir(path):
       raise MusdbError(f"{path}: missing folder; {self.root} has no {folder} split")
-    return sorted(d for d in os.listdir(path)  # __MACOSX: what macOS zips add
-                  if not d.startswith(".") and d != "__MACOSX"
-                  and os.path.isdir(os.path.join(path, d)))
+    names = sorted(d for d in os.listdir(path)  # __MACOSX: what macOS zips add
+                   if not d.startswith(".") and d != "__MACOSX")
+    for name in names:  # a link to a folder that is gone (unmounted drive) is a missing track
+      entry = os.path.join(path, name)
+      if os.path.islink(entry) and not os.path.exists(entry):
+        raise MusdbError(f"{entry}: broken link to {os.readlink(entry)} (a track folder that "
+                         "is not there); restore it or remove the link")
+    return [d for d in names if os.path.isdir(os.path.join(path, d))]
 
   def tracks(self, split: str) -> list[Track]:
     """The tracks of `split` in {"train", "valid", "test", "train_full"}, sorted by name."""

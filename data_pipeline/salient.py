@@ -82,7 +82,8 @@ def salient_index(dataset: musdb.MusdbDataset, split: str = "train",
   cache_dir = os.path.join(dataset.root, CACHE_DIR)
   cache_file = os.path.join(cache_dir, f"{split}-{key}.json")
 
-  index = _read_cache(cache_file, stems, len(tracks)) if cache else None
+  index = _read_cache(cache_file, stems, [t.num_samples - segment for t in tracks]) if cache \
+      else None
   if index is None:
     index = {stem: [] for stem in stems}
     for i, track in enumerate(tracks):
@@ -99,19 +100,20 @@ def salient_index(dataset: musdb.MusdbDataset, split: str = "train",
 
 
 def _read_cache(cache_file: str, stems: tuple[str, ...],
-                num_tracks: int) -> dict[str, list[tuple[int, int]]] | None:
-  """The cached index, or None when there is none or it is damaged (a warning, then rebuilt)."""
+                last_starts: list[int]) -> dict[str, list[tuple[int, int]]] | None:
+  """The cached index, or None when there is none or it is damaged (a warning, then rebuilt).
+  `last_starts[i]`: the last start of a whole window in track i."""
   if not os.path.isfile(cache_file):
     return None
   try:
     with open(cache_file) as f:
       cached = json.load(f)["index"]
     index = {stem: [(int(i), int(start)) for i, start in cached[stem]] for stem in stems}
-    if all(0 <= i < num_tracks and start >= 0 for entries in index.values()
-           for i, start in entries):
+    if all(0 <= i < len(last_starts) and 0 <= start <= last_starts[i]
+           for entries in index.values() for i, start in entries):
       return index
-    problem = "entries outside the split"
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    problem = "entries outside the split's tracks"
+  except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
     problem = f"{type(e).__name__}: {e}"
   logging.warning("%s: damaged salient-segment cache (%s); rebuilding it", cache_file, problem)
   return None

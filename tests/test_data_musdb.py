@@ -146,3 +146,28 @@ def test_track_folder_name_that_is_not_utf8(tmp_path):
   write_track(tmp_path, "test", name)
   [track] = musdb.MusdbDataset(str(tmp_path)).tracks("test")
   assert track.name == name and track.read("vocals", 10, 20).shape == (2, 20)
+
+
+def test_a_broken_link_to_a_track_folder_is_named_not_skipped(root):
+  """A track folder linked from an unmounted drive must not silently shrink the split (a test
+  score over fewer tracks would not be comparable)."""
+  os.symlink(str(root / "elsewhere" / "Gone - Song"), root / "test" / "Gone - Song")
+  with pytest.raises(musdb.MusdbError,
+                     match=r"test/Gone - Song: broken link to .*elsewhere/Gone - Song"):
+    musdb.MusdbDataset(str(root)).tracks("test")
+  os.remove(root / "test" / "Gone - Song")  # a working link is a track
+  os.rename(root / "test" / "Test - Song", root / "Test - Song")
+  os.symlink(str(root / "Test - Song"), root / "test" / "Test - Song")
+  assert [t.name for t in musdb.MusdbDataset(str(root)).tracks("test")] == ["Test - Song"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_named_where_they_are_read(root, value):
+  track = musdb.MusdbDataset(str(root)).tracks("test")[0]
+  drums = track.read_all("drums")
+  drums[1, 1234] = value
+  sf.write(track.file("drums"), drums.T, SR, subtype="FLOAT")
+  np.testing.assert_array_equal(track.read("drums", 0, 1234), drums[:, :1234])
+  with pytest.raises(musdb.MusdbError, match=r"drums\.wav: non-finite samples \(NaN or Inf\), "
+                                             r"the first at sample 1234"):
+    track.read("drums", 1000, 1000)

@@ -109,3 +109,22 @@ def test_empty_validation_split_is_named(root, tmp_path):
   (copy / musdb.VALIDATION_LIST).write_text("No - Such Track\n")
   with pytest.raises(ValueError, match="the 'valid' split has no tracks .*validation_tracks.txt"):
     pipeline.validation_iterator(str(copy), segment_seconds=SEGMENT_S)
+
+
+def test_non_finite_audio_fails_in_one_line_not_as_nan_batches(root, tmp_path):
+  """Inf in a training stem used to reach the batches (every step skipped), NaN in a validation
+  mixture made NaN validation scores; both now name the file."""
+  import shutil
+
+  import soundfile as sf
+  copy = shutil.copytree(root, tmp_path / "data")
+  dataset = musdb.MusdbDataset(str(copy))
+  train_track, valid_track = dataset.tracks("train")[0], dataset.tracks("valid")[0]
+  for track, stem, value in ((train_track, "drums", np.inf), (valid_track, "mixture", np.nan)):
+    audio = track.read_all(stem)
+    audio[:, ::5000] = value
+    sf.write(track.file(stem), audio.T, 44100, subtype="FLOAT")
+  with pytest.raises(musdb.MusdbError, match=f"{train_track.file('drums')}: non-finite"):
+    pipeline.training_tracks(str(copy), SEGMENT_S)
+  with pytest.raises(musdb.MusdbError, match=f"{valid_track.file('mixture')}: non-finite"):
+    take(pipeline.validation_iterator(str(copy), segment_seconds=SEGMENT_S), 1)

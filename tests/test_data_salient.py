@@ -148,3 +148,18 @@ def test_index_per_stem_and_cache(crafted, monkeypatch, caplog):
 def test_segment_must_cut_into_the_chunks(crafted):
   with pytest.raises(ValueError, match="segment_seconds=0.33 is 14553 samples.*10 equal chunks"):
     salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", 0.33, 0.165)
+
+
+@pytest.mark.parametrize("damage", ['{"index": {"vocals": [[1, 999999]], "drums": [], "bass": [], '
+                                    '"other": []}}',
+                                    '{"index": {"vocals": [[1, 1e400]]}}', "[" * 100000])
+def test_a_cache_that_parses_but_cannot_be_right_is_rebuilt(crafted, caplog, damage):
+  """An entry past its track's end (it would fail mid-training, naming the audio file), a number
+  too large for an int and JSON nested too deep are damage too, not tracebacks."""
+  dataset = musdb.MusdbDataset(str(crafted))
+  index = salient.salient_index(dataset, "train", SEGMENT / SR, HOP / SR)
+  [cache_file] = (crafted / salient.CACHE_DIR).iterdir()
+  cache_file.write_text(damage)
+  assert salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", SEGMENT / SR,
+                               HOP / SR) == index
+  assert "damaged salient-segment cache" in caplog.text

@@ -54,7 +54,9 @@ class ScaledOracle:
 
   def separate(self, audio, sample_rate):
     assert sample_rate == RATE
-    [vocals] = [v for m, v, _ in map(true_stems, self.tracks) if np.array_equal(m, audio)]
+    [vocals] = [true_stems(t)[1] for t in self.tracks
+                if t.num_samples == audio.shape[-1]
+                and np.array_equal(sf.read(t.file("mixture"), dtype="float32")[0].T, audio)]
     return {"vocals": self.gain * vocals, "accompaniment": audio - self.gain * vocals}
 
 
