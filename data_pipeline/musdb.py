@@ -8,6 +8,7 @@ with a start offset, so no track is ever loaded whole unless asked (`Track.read_
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 
@@ -147,12 +148,16 @@ class MusdbDataset:
       raise MusdbError(f"{self.root}: no train/ or test/ folder; not a MUSDB18-HQ layout")
     list_file = os.path.join(self.root, VALIDATION_LIST)
     if os.path.isfile(list_file):
-      # Names that are not UTF-8 stay as os.listdir gives them (surrogates), so they match.
+      # Names that are not UTF-8 stay as os.listdir gives them (surrogates), so they match; a
+      # UTF-16 file (Windows Notepad's "Unicode") is recognised by its byte-order mark.
       try:
-        with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as f:
-          self.validation_names = tuple(line.strip() for line in f if line.strip())
+        with open(list_file, "rb") as f:
+          raw = f.read()
       except OSError as e:
         raise MusdbError(f"{list_file}: cannot be read ({e.strerror or e})") from None
+      utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+      text = raw.decode("utf-16" if utf16 else "utf-8-sig", errors="surrogateescape")
+      self.validation_names = tuple(line.strip() for line in text.splitlines() if line.strip())
     else:
       self.validation_names = MUSDB_VALIDATION_TRACKS
     self._tracks: dict[str, list[Track]] = {}

@@ -61,6 +61,18 @@ def test_validation_list_that_is_not_utf8_matches_folder_names(root):
   assert [t.name for t in dataset.tracks("test")] == ["Test - Song"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_validation_list_saved_as_utf16_is_read(root, encoding):
+  """Windows Notepad's "Unicode" is UTF-16 with a byte-order mark, CRLF line ends."""
+  text = "Other - Song\r\nSome - Song\r\n"
+  data = text.encode(encoding)
+  if encoding == "utf-16-be":
+    data = b"\xfe\xff" + data
+  (root / musdb.VALIDATION_LIST).write_bytes(data)
+  dataset = musdb.MusdbDataset(str(root))
+  assert [t.name for t in dataset.tracks("valid")] == ["Other - Song", "Some - Song"]
+
+
 def test_track_attributes_and_random_access(root):
   track = musdb.MusdbDataset(str(root)).tracks("test")[0]
   assert (track.num_samples, track.sample_rate, track.num_channels) == (3000, SR, 2)
