@@ -122,7 +122,9 @@ def validate(experiment: Experiment, params: Any) -> dict[str, float]:
   Each track's windows are joined end to end and scored as one signal: uSDR averaged over tracks,
   cSDR (vocals with accompaniment = mixture − vocals, 1-s frames) as the median over tracks.
   Scoring windows one by one would let windows with silent vocals (uSDR ≈ −40 dB or lower)
-  swamp the mean. `valid_input_usdr` scores the mixture itself (the do-nothing baseline).
+  swamp the mean; a track whose vocals are digital silence (an instrumental) has no vocals to
+  score and is left out, with a warning (its uSDR would be -80 dB or lower whatever the model
+  does). `valid_input_usdr` scores the mixture itself (the do-nothing baseline).
   """
   config = experiment.config
   batch_size = config.eval.batch_size
@@ -134,17 +136,24 @@ def validate(experiment: Experiment, params: Any) -> dict[str, float]:
     estimate = np.asarray(experiment.eval_step(params, padded))[:count]
     for track, m, v, e in zip(batch["track"], mixture, vocals, estimate):
       windows.setdefault(track, []).append((m, v, e))
-  usdr, csdr, input_usdr = [], [], []
-  for parts in windows.values():
+  usdr, csdr, input_usdr, silent = [], [], [], []
+  for track, parts in windows.items():
     m, v, e = (np.concatenate(x, axis=-1) for x in zip(*parts))
+    if not np.any(v):
+      silent.append(track)
+      continue
     usdr.append(metrics.usdr(v, e))
     input_usdr.append(metrics.usdr(v, m))
     csdr.append(metrics.csdr(np.stack([v, m - v]), np.stack([e, m - e]),
                              sample_rate=experiment.model_config.sample_rate)[0])
+  if silent:
+    logging.warning("validation: %d track(s) with silent vocals left out of the scores: %s",
+                    len(silent), ", ".join(map(str, silent)))
   csdr = np.asarray(csdr)
-  return dict(valid_usdr=float(np.mean(usdr)),
+  mean = lambda scores: float(np.mean(scores)) if scores else float("nan")
+  return dict(valid_usdr=mean(usdr),
               valid_csdr=float(np.nanmedian(csdr)) if np.isfinite(csdr).any() else float("nan"),
-              valid_input_usdr=float(np.mean(input_usdr)))
+              valid_input_usdr=mean(input_usdr))
 
 
 class Logger:

@@ -479,6 +479,27 @@ def test_step_out_of_device_memory_is_one_line_naming_the_remedies(tmp_path, dat
   assert "remat" not in train.out_of_memory_message(RuntimeError("RESOURCE_EXHAUSTED"), config)
 
 
+def test_validation_leaves_out_tracks_with_silent_vocals(monkeypatch, caplog):
+  import types
+
+  from bsmamba2_jax import metrics
+  from experiments import train
+  rng = np.random.default_rng(0)
+  vocals = (0.1 * rng.standard_normal((2, 2, 44100))).astype(np.float32)
+  vocals[1] = 0.0  # an instrumental
+  mixture = vocals + (0.1 * rng.standard_normal(vocals.shape)).astype(np.float32)
+  monkeypatch.setattr(train, "validation_batches", lambda config: iter([dict(
+      mixture=mixture, vocals=vocals, track=np.array(["Singer - Song", "Band - Instrumental"]))]))
+  experiment = types.SimpleNamespace(
+      config=types.SimpleNamespace(eval=types.SimpleNamespace(batch_size=2)),
+      model_config=types.SimpleNamespace(sample_rate=44100),
+      eval_step=lambda params, x: 0.5 * x)
+  scores = train.validate(experiment, params=None)
+  assert scores["valid_usdr"] == pytest.approx(float(metrics.usdr(vocals[0], 0.5 * mixture[0])))
+  assert scores["valid_input_usdr"] == pytest.approx(float(metrics.usdr(vocals[0], mixture[0])))
+  assert "1 track(s) with silent vocals left out of the scores: Band - Instrumental" in caplog.text
+
+
 def test_precision_auto_is_float32_on_cpu_and_bfloat16_on_accelerators():
   from experiments import train
   from experiments.configs import paper, small
