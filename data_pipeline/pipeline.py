@@ -12,6 +12,7 @@ Validation (`validation_iterator`): plain Python over the aligned windows of `mi
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -61,6 +62,14 @@ class TrainIterator:
     return batch
 
 
+def warn_short_tracks(tracks: list[musdb.Track], segment_seconds: float, split: str) -> None:
+  """Logs the tracks of `split` shorter than one segment: they give no window at all."""
+  short = [t.name for t in tracks if t.num_samples < _segment_samples(segment_seconds)]
+  if short:
+    logging.warning("%d track(s) of the '%s' split are shorter than one %g-s segment and are not "
+                    "used: %s", len(short), split, segment_seconds, ", ".join(short))
+
+
 def training_tracks(data_dir: str, segment_seconds: float
                     ) -> tuple[list[musdb.Track], dict[str, list[tuple[int, int]]]]:
   """The checked tracks of the "train" split and their salient index (hop: half a segment,
@@ -69,6 +78,7 @@ def training_tracks(data_dir: str, segment_seconds: float
   tracks = dataset.tracks("train")
   if not tracks:
     raise ValueError(f"{data_dir}: the train split has no tracks")
+  warn_short_tracks(tracks, segment_seconds, "train")
   return tracks, salient.salient_index(dataset, "train", segment_seconds, segment_seconds / 2)
 
 
@@ -150,6 +160,7 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
     where = (f" (the names in {musdb.VALIDATION_LIST} if present, else the musdb package's "
              "validation tracks, under train/)" if split == "valid" else "")
     raise ValueError(f"{data_dir}: the '{split}' split has no tracks{where}")
+  warn_short_tracks(tracks, segment_seconds, split)
   windows = mixing.validation_windows(tracks, segment)
   if max_examples is not None and max_examples < len(windows):
     keep = np.unique(np.linspace(0, len(windows) - 1, max_examples).round().astype(int))

@@ -128,3 +128,21 @@ def test_non_finite_audio_fails_in_one_line_not_as_nan_batches(root, tmp_path):
     pipeline.training_tracks(str(copy), SEGMENT_S)
   with pytest.raises(musdb.MusdbError, match=f"{valid_track.file('mixture')}: non-finite"):
     take(pipeline.validation_iterator(str(copy), segment_seconds=SEGMENT_S), 1)
+
+
+def test_tracks_shorter_than_a_segment_are_named_in_a_warning(root, tmp_path, caplog):
+  import shutil
+
+  import soundfile as sf
+  copy = shutil.copytree(root, tmp_path / "data")
+  short = copy / "train" / "Short - Intro"
+  short.mkdir()
+  for stem in ("mixture", "vocals", "drums", "bass", "other"):
+    sf.write(str(short / f"{stem}.wav"), np.full((44100, 2), 0.1, np.float32), 44100)
+  tracks, _ = pipeline.training_tracks(str(copy), 2.0)
+  assert "Short - Intro" in [t.name for t in tracks]
+  assert ("1 track(s) of the 'train' split are shorter than one 2-s segment and are not used: "
+          "Short - Intro") in caplog.text
+  caplog.clear()
+  list(pipeline.validation_iterator(str(copy), segment_seconds=2.0, split="train"))
+  assert "Short - Intro" in caplog.text
