@@ -29,7 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from bsmamba2_jax.convert import CheckpointError, load_torch_checkpoint
+from bsmamba2_jax.convert import (CheckpointError, error_summary, load_torch_checkpoint,
+                                   looks_like_torch)
 from bsmamba2_jax.model import BSMamba2, ModelConfig, abstract_params
 
 EXPORT_FORMAT = "bsmamba2-jax-inference"
@@ -86,9 +87,8 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
       with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
     except Exception as e:  # Orbax/TensorStore raise many types (full disk, bad path ...)
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      raise CheckpointError(f"{directory}: cannot write the export ({type(e).__name__}: "
-                            f"{first_line[:200]})") from None
+      raise CheckpointError(f"{directory}: cannot write the export ({error_summary(e)})"
+                            ) from None
     if os.path.isdir(directory) and os.listdir(directory):  # a previous export, checked above
       os.remove(os.path.join(directory, CONFIG_FILE))
       shutil.rmtree(os.path.join(directory, PARAMS_DIR), ignore_errors=True)
@@ -180,20 +180,9 @@ def load_inference(path: str) -> tuple[ModelConfig, Any, dict]:
   except CheckpointError:
     raise
   except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise CheckpointError(f"{params_path}: corrupted or unreadable parameters "
-                          f"({type(e).__name__}: {first_line[:200]})") from None
+                          f"({error_summary(e)})") from None
   return config, jax.tree_util.tree_map(jnp.asarray, params), metadata
-
-
-def _looks_like_torch(path: str) -> bool:
-  """Whether a file starts as torch.save writes: a zip archive or a pickle (`.pth.tar`, ...)."""
-  try:
-    with open(path, "rb") as f:
-      head = f.read(4)
-  except OSError:
-    return False
-  return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_model(path: str, **config_overrides: Any) -> tuple[BSMamba2, Any]:
@@ -208,7 +197,7 @@ def load_model(path: str, **config_overrides: Any) -> tuple[BSMamba2, Any]:
                             f"PyTorch file {'/'.join(TORCH_SUFFIXES)})")
   if os.path.isdir(path):
     config, params, _ = load_inference(path)
-  elif path.lower().endswith(TORCH_SUFFIXES) or _looks_like_torch(path):
+  elif path.lower().endswith(TORCH_SUFFIXES) or looks_like_torch(path):
     config, params = load_torch_checkpoint(path)
   else:
     raise CheckpointError(f"{path}: unrecognised checkpoint file; expected an export directory "

@@ -133,6 +133,26 @@ def _load_torch_zip(path: str) -> Any:
       return _TorchUnpickler(f, read_storage).load()
 
 
+# How a torch.save file starts: a zip archive, or (legacy format) a pickle's PROTO opcode.
+_ZIP_MAGIC, _PICKLE_PROTO = b"PK\x03\x04", b"\x80"
+
+
+def looks_like_torch(path: str) -> bool:
+  """Whether the file at `path` starts as torch.save writes, whatever its name (`.pth.tar`)."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(len(_ZIP_MAGIC))
+  except OSError:
+    return False
+  return head.startswith((_ZIP_MAGIC, _PICKLE_PROTO))
+
+
+def error_summary(error: BaseException) -> str:
+  """`Type: first line of the message` (at most 200 characters of it), for one-line errors."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def _load_any(path: str) -> Any:
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file")
@@ -140,7 +160,7 @@ def _load_any(path: str) -> Any:
     raise CheckpointError(f"{path}: is a folder, not a PyTorch checkpoint file")
   try:
     with open(path, "rb") as f:
-      head = f.read(4)
+      head = f.read(len(_ZIP_MAGIC))
   except OSError as e:
     raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
   if zipfile.is_zipfile(path):
@@ -150,11 +170,11 @@ def _load_any(path: str) -> Any:
       raise
     except Exception as e:  # truncated zip, bad pickle, unknown storage ...
       raise CheckpointError(f"{path}: corrupted or unsupported PyTorch checkpoint "
-                            f"({type(e).__name__}: {e})") from None
-  if head.startswith(b"PK\x03\x04"):  # a zip's first entry, but no end record
+                            f"({error_summary(e)})") from None
+  if head.startswith(_ZIP_MAGIC):  # a zip's first entry, but no end record
     raise CheckpointError(f"{path}: truncated or corrupted PyTorch checkpoint (a zip archive "
                           "without its end; an incomplete download or copy?)")
-  if head[:1] != b"\x80":  # the PROTO opcode that starts a legacy torch.save pickle
+  if not head.startswith(_PICKLE_PROTO):
     raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
                           "pickle)")
   try:
@@ -169,8 +189,7 @@ def _load_any(path: str) -> Any:
                           "corrupted; it is not loaded, since that would run code from the "
                           "file") from None
   except Exception as e:
-    raise CheckpointError(f"{path}: cannot be read by torch.load ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raise CheckpointError(f"{path}: cannot be read by torch.load ({error_summary(e)})") from None
   return _tensors_to_numpy(obj)
 
 
