@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -465,9 +466,9 @@ def check_template(template: str):
                      "relative path without '..'")
 
 
-def wav_header_frames(path: str) -> int | None:
-  """The frames a RIFF/WAVE file's header promises (data chunk size / block align), or None
-  when the file is not such a WAV or the size is a streaming placeholder (0 or 0xFFFFFFFF)."""
+def _wav_data_chunk(path: str) -> tuple[int, int, int] | None:
+  """(block align, data chunk size, offset of the data) of a RIFF/WAVE file, or None when the
+  file is not such a WAV (or has no fmt chunk before its data chunk)."""
   with open(path, "rb") as f:
     riff = f.read(12)
     if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:] != b"WAVE":
@@ -483,11 +484,69 @@ def wav_header_frames(path: str) -> int | None:
         block_align = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else None
         f.seek(size % 2, os.SEEK_CUR)
       elif chunk == b"data":
-        if not block_align or size in (0, 0xFFFFFFFF):
-          return None
-        return size // block_align
+        return (block_align, size, f.tell()) if block_align else None
       else:
         f.seek(size + size % 2, os.SEEK_CUR)
+
+
+def wav_header_frames(path: str) -> int | None:
+  """The frames a RIFF/WAVE file's header promises (data chunk size / block align), or None
+  when the file is not such a WAV or the size is a streaming placeholder (0 or 0xFFFFFFFF)."""
+  chunk = _wav_data_chunk(path)
+  if chunk is None or chunk[1] in (0, 0xFFFFFFFF):
+    return None
+  return chunk[1] // chunk[0]
+
+
+class _PatchedBytes(io.RawIOBase):
+  """A file read with 4 bytes at `offset` replaced by `patch` (for soundfile's virtual IO)."""
+
+  def __init__(self, path: str, offset: int, patch: bytes):
+    super().__init__()
+    self._file, self._offset, self._patch = open(path, "rb"), offset, patch
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+    return self._file.seek(position, whence)
+
+  def tell(self) -> int:
+    return self._file.tell()
+
+  def readinto(self, buffer) -> int:
+    start = self._file.tell()
+    count = self._file.readinto(buffer)
+    low, high = max(start, self._offset), min(start + count, self._offset + len(self._patch))
+    if low < high:
+      memoryview(buffer)[low - start:high - start] = self._patch[low - self._offset:
+                                                                 high - self._offset]
+    return count
+
+  def close(self) -> None:
+    self._file.close()
+    super().close()
+
+
+def _open_streamed_wav(path: str) -> sf.SoundFile | None:
+  """`path` opened with its data through the end of the file, when it is a WAV whose data
+  chunk size is 0 with samples after it (a streaming writer that never went back to fill the
+  size in); None otherwise."""
+  chunk = _wav_data_chunk(path)
+  if chunk is None or chunk[1] != 0:
+    return None
+  block_align, _, start = chunk
+  size = (os.path.getsize(path) - start) // block_align * block_align
+  if size <= 0 or size > 0xFFFFFFFF - 1:
+    return None
+  opened = sf.SoundFile(_PatchedBytes(path, start - 4, size.to_bytes(4, "little")))
+  logging.warning("%s: the WAV header gives a data size of 0 (a streaming writer's "
+                  "placeholder); reading the %d frames up to the end of the file", path,
+                  opened.frames)
+  return opened
 
 
 class _Reader:
@@ -503,6 +562,10 @@ class _Reader:
       self._file = sf.SoundFile(os.fsencode(path))  # names that are not UTF-8 too
       self.sample_rate, self.channels = self._file.samplerate, self._file.channels
       self.frames = self._file.frames
+      streamed = _open_streamed_wav(path) if self.frames == 0 else None
+      if streamed is not None:
+        self._file.close()
+        self._file, self.frames = streamed, streamed.frames
     except Exception as sf_error:  # pylint: disable=broad-except
       try:
         import librosa

@@ -330,6 +330,33 @@ def test_truncated_wav_is_separated_with_a_warning(tmp_path, caplog):
   assert separation.wav_header_frames(flac) is None
 
 
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
+def test_wav_whose_streaming_writer_left_the_data_size_at_zero_is_read_whole(
+    tmp_path, caplog, subtype):
+  samples = noise(2, 9001)
+  path = write(str(tmp_path / "in" / "live.wav"), samples, RATE, subtype=subtype)
+  data = bytearray(open(path, "rb").read())
+  size_at = data.find(b"data") + 4
+  data[4:8] = data[size_at:size_at + 4] = bytes(4)  # RIFF and data sizes never filled in
+  with open(path, "wb") as f:
+    f.write(data)
+  assert sf.info(path).frames == 0  # what libsndfile makes of it
+  reader = separation._Reader(path)
+  read = np.concatenate(list(reader.blocks(4000)), axis=1)
+  reader.close()
+  expected = sf.read(write(str(tmp_path / "ref.wav"), samples, RATE, subtype=subtype),
+                     dtype="float32", always_2d=True)[0].T
+  np.testing.assert_array_equal(read, expected)
+  assert f"{path}: the WAV header gives a data size of 0" in caplog.text
+  [result] = run_files(tmp_path, [path])
+  assert result.error is None and sf.info(result.outputs["vocals"]).frames == 9001
+  header_only = str(tmp_path / "in" / "nothing.wav")
+  with open(header_only, "wb") as f:  # the same header with no samples after it
+    f.write(data[:size_at + 4])
+  with pytest.raises(separation.InputError, match="empty \\(no samples\\)"):
+    separation._Reader(header_only)
+
+
 @pytest.mark.parametrize("fmt,message", [
     ("FLAC", "decoding stopped after {n} of the 220500 frames its header promises"),
     ("MP3", "truncated file? its header promises 220500 frames, {n} decoded")])
