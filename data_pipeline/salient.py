@@ -12,6 +12,7 @@ file changes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -120,15 +121,18 @@ def _read_cache(cache_file: str, stems: tuple[str, ...],
 
 
 def _write_cache(cache_dir: str, cache_file: str, split: str, params: dict, index: dict) -> None:
-  """Writes the index atomically and removes this split's stale cache files."""
+  """Writes the index atomically and removes this split's stale cache files; a write that fails
+  (a full disk) leaves no partial file behind."""
+  tmp = f"{cache_file}.{os.getpid()}.tmp"
   try:
     os.makedirs(cache_dir, exist_ok=True)
     for name in os.listdir(cache_dir):
       if name.startswith(f"{split}-") and name.endswith(".json"):
         os.remove(os.path.join(cache_dir, name))
-    tmp = f"{cache_file}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       json.dump(dict(params=params, index=index), f)
     os.replace(tmp, cache_file)
   except OSError as e:  # a read-only dataset still works, just without the cache
     logging.warning("%s: cannot write the salient-segment cache (%s)", cache_dir, e)
+    with contextlib.suppress(OSError):
+      os.remove(tmp)

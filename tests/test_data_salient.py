@@ -163,3 +163,14 @@ def test_a_cache_that_parses_but_cannot_be_right_is_rebuilt(crafted, caplog, dam
   assert salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", SEGMENT / SR,
                                HOP / SR) == index
   assert "damaged salient-segment cache" in caplog.text
+
+
+def test_a_cache_write_that_fails_half_way_leaves_no_file_behind(crafted, monkeypatch, caplog):
+  def disk_full(obj, f, **kwargs):
+    f.write('{"params": ')
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(salient.json, "dump", disk_full)
+  index = salient.salient_index(musdb.MusdbDataset(str(crafted)), "train", SEGMENT / SR, HOP / SR)
+  assert index["drums"]  # the index itself is fine, only not cached
+  assert "cannot write the salient-segment cache" in caplog.text
+  assert os.listdir(crafted / salient.CACHE_DIR) == []
