@@ -199,3 +199,12 @@ def test_reports_name_the_cpu_and_its_vector_extensions(flags, expected):
   from experiments.benchmarks import report
   cpuinfo = f"processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
   assert report.cpu_description(cpuinfo) == expected
+
+
+def test_timed_rows_carry_the_cpu_seconds_of_each_call():
+  from experiments.benchmarks import common
+  busy = lambda: sum(i * i for i in range(300_000))  # one thread, no system calls
+  row = common.timed("busy", busy, repeats=3, warmup=1)
+  cpu = row["user_s"] + row["sys_s"]
+  assert 0.5 * row["median_s"] <= cpu <= 2 * row["median_s"], row  # per call, not summed
+  assert row["user_s"] > 4 * row["sys_s"] >= 0, row

@@ -5,6 +5,7 @@ the raw repeats go into the JSON report. Sections return rows (plain dicts) buil
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -41,10 +42,22 @@ def progress(row: dict) -> dict:
 
 def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
           **fields: Any) -> dict:
-  """One benchmark row: median/min/max seconds of `fn` plus descriptive `fields`."""
-  times = measure(fn, repeats=repeats, warmup=warmup)
+  """One benchmark row: median/min/max seconds of `fn` plus descriptive `fields`.
+
+  user_s / sys_s: the process's CPU seconds per timed call (all threads) in user space and in
+  the kernel. On CPU the kernel's share is mostly page faults on the memory XLA:CPU maps afresh
+  for each call's buffers (and unmaps after it); on a VM that hands freed memory back to its
+  host, each such fault goes through the host (2-7 ms per 2-MB page; 28-83 s of a 150-200 s
+  paper 8-s training step on the 2-core VM).
+  """
+  measure(fn, repeats=0, warmup=warmup)
+  before = os.times()
+  times = measure(fn, repeats=repeats, warmup=0)
+  after = os.times()
   return progress(dict(name=name, median_s=float(np.median(times)), min_s=float(np.min(times)),
-                       max_s=float(np.max(times)), repeats=times, **fields))
+                       max_s=float(np.max(times)), repeats=times,
+                       user_s=(after.user - before.user) / max(len(times), 1),
+                       sys_s=(after.system - before.system) / max(len(times), 1), **fields))
 
 
 def matmul_gflops(n: int | None = None, repeats: int = 20) -> dict:

@@ -151,8 +151,8 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
   rows = [reference]
   for preset, seconds, what, remat in settings["cases"]:
     rows.append(case_row(preset, seconds, what, remat, settings, reference["gflops"]))
-  columns = ["name", "analytic_gflop", "xla_gflop", "median_s", "min_s", "max_s",
-             "achieved_gflops", "of_matmul", "peak_gb", "compile_s", "skipped"]
+  columns = ["name", "analytic_gflop", "xla_gflop", "median_s", "min_s", "max_s", "user_s",
+             "sys_s", "achieved_gflops", "of_matmul", "peak_gb", "compile_s", "skipped"]
   text = (common.format_table(rows[1:], columns)
           + f"\n\nReference: jitted fp32 {reference['n']}² matmul "
           f"{reference['gflops']:.1f} GFLOP/s (median of {len(reference['repeats'])}), same run. "
@@ -160,5 +160,6 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
           "clip + AdamW (remat per the row name). analytic: the formula in "
           "`experiments/benchmarks/limit.py` (train step = 3 × forward); xla: XLA "
           "cost_analysis of the compiled program; of_matmul = (analytic / median) / matmul "
-          "rate.")
+          "rate; user_s / sys_s: the process's CPU seconds per call in user space and in the "
+          "kernel (`common.timed`).")
   return rows, text
