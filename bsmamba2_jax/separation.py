@@ -531,10 +531,10 @@ class _PatchedBytes(io.RawIOBase):
     super().close()
 
 
-def _open_streamed_wav(path: str) -> sf.SoundFile | None:
+def _open_streamed_wav(path: str) -> tuple[sf.SoundFile, _PatchedBytes] | None:
   """`path` opened with its data through the end of the file, when it is a WAV whose data
   chunk size is 0 with samples after it (a streaming writer that never went back to fill the
-  size in); None otherwise."""
+  size in): the SoundFile and the file under it (close both); None otherwise."""
   chunk = _wav_data_chunk(path)
   if chunk is None or chunk[1] != 0:
     return None
@@ -542,11 +542,16 @@ def _open_streamed_wav(path: str) -> sf.SoundFile | None:
   size = (os.path.getsize(path) - start) // block_align * block_align
   if size <= 0 or size > 0xFFFFFFFF - 1:
     return None
-  opened = sf.SoundFile(_PatchedBytes(path, start - 4, size.to_bytes(4, "little")))
+  raw = _PatchedBytes(path, start - 4, size.to_bytes(4, "little"))
+  try:
+    opened = sf.SoundFile(raw)
+  except BaseException:
+    raw.close()
+    raise
   logging.warning("%s: the WAV header gives a data size of 0 (a streaming writer's "
                   "placeholder); reading the %d frames up to the end of the file", path,
                   opened.frames)
-  return opened
+  return opened, raw
 
 
 class _Reader:
@@ -555,6 +560,7 @@ class _Reader:
   def __init__(self, path: str):
     self.path = path
     self._file = None
+    self._raw = None  # the patched file under a streamed WAV's SoundFile
     self._data = None
     if os.path.getsize(path) == 0:
       raise InputError(f"{path}: empty file (0 bytes)")
@@ -565,7 +571,8 @@ class _Reader:
       streamed = _open_streamed_wav(path) if self.frames == 0 else None
       if streamed is not None:
         self._file.close()
-        self._file, self.frames = streamed, streamed.frames
+        self._file, self._raw = streamed
+        self.frames = self._file.frames
     except Exception as sf_error:  # pylint: disable=broad-except
       try:
         import librosa
@@ -621,6 +628,8 @@ class _Reader:
   def close(self):
     if self._file is not None:
       self._file.close()
+    if self._raw is not None:
+      self._raw.close()
 
 
 class _Writer:

@@ -344,6 +344,7 @@ def test_wav_whose_streaming_writer_left_the_data_size_at_zero_is_read_whole(
   reader = separation._Reader(path)
   read = np.concatenate(list(reader.blocks(4000)), axis=1)
   reader.close()
+  assert reader._raw.closed  # the file under the SoundFile too
   expected = sf.read(write(str(tmp_path / "ref.wav"), samples, RATE, subtype=subtype),
                      dtype="float32", always_2d=True)[0].T
   np.testing.assert_array_equal(read, expected)
