@@ -56,8 +56,8 @@ def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
   after = os.times()
   return progress(dict(name=name, median_s=float(np.median(times)), min_s=float(np.min(times)),
                        max_s=float(np.max(times)), repeats=times,
-                       user_s=(after.user - before.user) / max(len(times), 1),
-                       sys_s=(after.system - before.system) / max(len(times), 1), **fields))
+                       user_s=(after.user - before.user) / len(times),
+                       sys_s=(after.system - before.system) / len(times), **fields))
 
 
 def matmul_gflops(n: int | None = None, repeats: int = 20) -> dict:
