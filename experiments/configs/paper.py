@@ -23,8 +23,9 @@ def model_overrides() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(dict(preset="paper", overrides=model_overrides()))
-  # Recompute each block in the backward pass: 5 segments of 8 s then took 51 GB on one H200,
-  # where one segment without remat takes 33-38 GB (benchmarks/results/2026-11-26-h200-3.md),
+  # Recompute each block in the backward pass: 5 segments of 8 s then take 40.5 GB on one H100
+  # (42.5 GB on an H200, benchmarks/results/2026-11-27-gpu.md), where one segment without remat
+  # takes 33-38 GB (2026-11-26-h200-3.md),
   # and one fits a 24-GB CPU machine. It changes no weights: a run can resume with it toggled.
   config.model.overrides.remat = True
 
