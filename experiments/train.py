@@ -74,10 +74,12 @@ class Experiment:
     self.loss_fn = functools.partial(losses.get_loss(config.train.loss),
                                      frontend_n_fft=self.model_config.n_fft,
                                      frontend_hop=self.model_config.hop_length)
-    self.train_step = jax.pmap(
-        functools.partial(training.train_step, model=self.model, optimizer=self.optimizer,
-                          loss_fn=self.loss_fn, ema_decay=config.ema_decay, axis_name="batch"),
-        axis_name="batch", donate_argnums=(0,))
+    step_kwargs = dict(model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                       ema_decay=config.ema_decay, axis_name="batch")
+    # (state, batch of (devices, b, C, N)) and (state, batches of (devices, K, b, C, N)).
+    self.train_step, self.train_steps = (
+        jax.pmap(functools.partial(fn, **step_kwargs), axis_name="batch", donate_argnums=(0,))
+        for fn in (training.train_step, training.train_steps))
     self.eval_step = jax.jit(functools.partial(training.eval_step, model=self.model))
 
   def init_state(self) -> training.TrainState:
@@ -105,6 +107,21 @@ def replicate(tree: Any, devices: int) -> Any:
 def unreplicate(tree: Any) -> Any:
   """First device's copy of a pmapped pytree, on the host."""
   return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+
+def steps_this_call(step: int, config: ml_collections.ConfigDict) -> int:
+  """How many training steps the next call runs from `step`: `train.steps_per_execution` when
+  that many fit before the next step that logs, validates, checkpoints or ends the run, else 1
+  (so at most two programs compile, and every such step ends a call)."""
+  every = (config.log_every, config.eval_every, config.ckpt_every)
+  boundary = min([config.train.num_steps] + [(step // e + 1) * e for e in every])
+  k = config.train.steps_per_execution
+  return k if step + k <= boundary else 1
+
+
+def stack_steps(batches: list[dict]) -> dict:
+  """K pipeline batches of (devices, b, ...) -> one of (devices, K, b, ...) for `train_steps`."""
+  return {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
 
 
 def validation_batches(config: ml_collections.ConfigDict) -> Iterator[dict]:
@@ -239,6 +256,8 @@ def check_config(config: ml_collections.ConfigDict, max_minutes: float | None) -
   train, opt = config.train, config.optimizer
   checks = [
       (train.num_steps >= 1, f"train.num_steps must be >= 1, got {train.num_steps}"),
+      (train.steps_per_execution >= 1,
+       f"train.steps_per_execution must be >= 1, got {train.steps_per_execution}"),
       (opt.accumulate >= 1, f"optimizer.accumulate must be >= 1, got {opt.accumulate}"),
       (opt.accumulate < 1 or train.num_steps % opt.accumulate == 0,
        f"train.num_steps ({train.num_steps}) must be a multiple of optimizer.accumulate "
@@ -434,7 +453,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
       config.data.dir, segment_seconds=config.data.segment_seconds, local_devices=devices,
       per_device_batch=config.train.per_device_batch_size, mono=config.data.mono,
       seed=config.seed, start_step=step, process_index=jax.process_index(),
-      process_count=jax.process_count(), training_set=training_set)
+      process_count=jax.process_count(), training_set=training_set,
+      prefetch=max(2, config.train.steps_per_execution))  # the next call's batches ready
 
   def save(state_r, metrics_row=None):
     host = unreplicate(state_r)
@@ -483,20 +503,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
   first_step = step
   try:
     while step < config.train.num_steps:
+      count = steps_this_call(step, config)
       try:
-        batch = next(batches)
+        group = [next(batches) for _ in range(count)]
       except Exception:  # a data error
         save_before_failing(state_r)
         raise
       try:
-        state_r, step_metrics = experiment.train_step(state_r, batch)
+        if count == 1:
+          state_r, step_metrics = experiment.train_step(state_r, group[0])
+        else:  # metrics of the call's last step, as a single step gives them
+          state_r, step_metrics = experiment.train_steps(state_r, stack_steps(group))
+          step_metrics = jax.tree_util.tree_map(lambda x: x[:, -1], step_metrics)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
         raise ValueError(out_of_memory_message(e, config)) from None
-      step += 1
+      step += count
       if bar is not None:
-        bar.update(1)
+        bar.update(count)
       if step % config.log_every == 0 or step == config.train.num_steps:
         step_metrics = unreplicate(step_metrics)
         now = time.time()

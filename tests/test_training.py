@@ -118,6 +118,46 @@ def test_non_finite_step_is_skipped_and_counted():
   assert not np.array_equal(after.params["gain"], state.params["gain"])
 
 
+def test_k_steps_in_one_call_equal_k_single_steps():
+  optimizer = training.make_optimizer(optimizer_config(), num_steps=10)
+  step = jit_step(optimizer)
+  batches = [toy_batch(seed) for seed in range(4)]
+  batches[1]["vocals"][2, 1, 5] = np.inf  # a skipped step inside the call
+  state = toy_state(optimizer)
+  single = []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    single.append(metrics)
+  stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  steps = jax.jit(functools.partial(training.train_steps, model=ToyModel, optimizer=optimizer,
+                                    loss_fn=mse, ema_decay=0.9, axis_name=None))
+  together, metrics = steps(toy_state(optimizer), stacked)
+  assert int(together.step) == 4 and int(together.skipped) == 1
+  np.testing.assert_array_equal(metrics["finite"], [True, False, True, True])
+  for name in ("loss", "grad_norm", "skipped"):
+    np.testing.assert_allclose(metrics[name], [m[name] for m in single], rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(together)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("step, k, expected", [
+    (0, 4, 4),   # 0 -> 4, the first log step
+    (4, 4, 4),   # 4 -> 8
+    (8, 4, 1),   # 8 + 4 passes the checkpoint at 10
+    (9, 4, 1),
+    (10, 4, 1),  # 10 + 4 passes the log step at 12
+    (12, 4, 4),  # 12 -> 16
+    (16, 4, 1),  # the run ends at 18
+    (0, 1, 1),
+])
+def test_a_call_never_runs_past_a_log_checkpoint_or_the_end(step, k, expected):
+  from experiments import train
+  config = ml_collections.ConfigDict(dict(
+      train=dict(num_steps=18, steps_per_execution=k), log_every=4, eval_every=20,
+      ckpt_every=10))
+  assert train.steps_this_call(step, config) == expected
+
+
 def test_accumulation_equals_one_step_on_the_joined_batch():
   first, second = toy_batch(0), toy_batch(1)
   joined = {k: np.concatenate([first[k], second[k]]) for k in first}
@@ -297,6 +337,39 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, env, data_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(FileExistsError):
     export.export(str(reference), str(output))
+
+
+def test_launcher_with_steps_per_call_equals_single_steps(tmp_path, env, data_dir):
+  """5 steps, 2 per call (two 2-step calls, then a single step before the end), against the same
+  5 pipeline batches one call each."""
+  code = MICRO + textwrap.dedent(f"""
+      import csv, jax, numpy as np
+      from data_pipeline import pipeline
+      from experiments import train
+      config = micro_config({data_dir!r}, 5)
+      config.train.steps_per_execution = 2
+      config.log_every = 2
+      run = train.train_and_evaluate(config, {str(tmp_path)!r}, progress=False)
+      with open({str(tmp_path / "metrics.csv")!r}) as f:
+        logged = {{int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["loss"]}}
+      assert run["step"] == 5 and sorted(logged) == [2, 4, 5], (run, logged)
+
+      experiment = train.Experiment(config)
+      batches = pipeline.train_iterator(config.data.dir, per_device_batch=2, mono=True,
+                                        segment_seconds=config.data.segment_seconds,
+                                        seed=config.seed)
+      state, losses = train.replicate(experiment.init_state(), 1), {{}}
+      for step in range(1, 6):
+        state, metrics = experiment.train_step(state, next(batches))
+        losses[step] = float(metrics["loss"][0])
+      np.testing.assert_allclose([logged[s] for s in (2, 4, 5)], [losses[s] for s in (2, 4, 5)],
+                                 rtol=1e-5)
+      for a, b in zip(jax.tree_util.tree_leaves(run["state"]),
+                      jax.tree_util.tree_leaves(train.unreplicate(state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+      print("OK")
+      """)
+  assert "OK" in run_python(code, env).stdout
 
 
 def _free_port():

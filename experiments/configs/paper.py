@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   # does not state a length.
   config.train.num_steps = 199_998
   config.train.per_device_batch_size = 5
+  # Training steps per compiled call (`training.train_steps`, K batches stacked): K > 1 spreads
+  # a call's fixed cost over K steps (a dispatch; on XLA:CPU the page faults on the call's fresh
+  # buffers). A call never runs past a log, validation or checkpoint step.
+  config.train.steps_per_execution = 1
   config.train.loss = "official"  # "official" (SPEC §5) or "fast" (3 magnitude resolutions).
 
   config.optimizer = ml_collections.ConfigDict(dict(
