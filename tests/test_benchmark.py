@@ -136,6 +136,12 @@ def test_report_records_failures_targets_and_never_overwrites(tmp_path, monkeypa
   assert at_full_shape["setting"] == "62 × 801 (sequential on 3, scaled)"
   skipped = dict(preset="paper", what="train step", audio_s=1, skipped="needs 20 GB")
   assert "needs 20 GB" in report.targets({"limit": [skipped]})[2]["setting"]
+  # The paper step is read where it ran with the most steps per call, the single step beside it.
+  paper = [dict(preset="paper", what="train step", audio_s=8, steps_per_call=k, median_s=k * t,
+                of_matmul=o) for k, t, o in ((1, 160.0, 0.38), (2, 150.0, 0.41))]
+  found = report.targets({"limit": [skipped] + paper})[2]
+  assert found["measured"] == 0.41 and found["holds"]
+  assert found["setting"] == "8 s stereo, batch 1, 2 steps per call (1 per call: 0.380)"
 
 
 def test_unknown_mode_and_section_are_clear_errors(tmp_path):

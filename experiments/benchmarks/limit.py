@@ -40,20 +40,24 @@ from bsmamba2_jax.losses import get_loss
 from bsmamba2_jax.model import BSMamba2, ModelConfig, init_params
 from experiments.benchmarks import common, scaling
 
-# Mode -> (preset, audio seconds, what, remat) cases and the caps of `scaling.timed_compiled`.
-# A train step's analytic count is 3 × forward (model FLOPs, not any recomputation); the
-# default mode runs the paper step without remat, which XLA:CPU of jaxlib 0.10 plans no smaller
-# (see ModelConfig.remat). memory_budget_gb None: 80 % of the memory available when the case runs;
-# matmul_n None: `common.matmul_gflops`'s size for the backend.
+# Mode -> (preset, audio seconds, what, remat, steps per call) cases and the caps of
+# `scaling.timed_compiled`. A train step's analytic count is 3 × forward (model FLOPs, not any
+# recomputation); the default mode runs the paper step without remat, which XLA:CPU of jaxlib
+# 0.10 plans no smaller (see ModelConfig.remat). Steps per call > 1: that many training steps on
+# as many batches in one program (`lax.scan`, as `training.train_steps` with
+# `config.train.steps_per_execution`). memory_budget_gb None: 80 % of the memory available when
+# the case runs; matmul_n None: `common.matmul_gflops`'s size for the backend.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": dict(cases=(("tiny", 0.1, "forward", False), ("tiny", 0.1, "train step", True)),
+    "smoke": dict(cases=(("tiny", 0.1, "forward", False, 1), ("tiny", 0.1, "train step", True, 1),
+                         ("tiny", 0.1, "train step", True, 2)),
                   repeats=2, time_budget_s=1.0, memory_budget_gb=1.0, matmul_n=256),
-    "default": dict(cases=(("tiny", 8, "forward", False), ("paper", 2, "forward", False),
-                           ("paper", 1, "train step", False)),
+    "default": dict(cases=(("tiny", 8, "forward", False, 1), ("paper", 2, "forward", False, 1),
+                           ("paper", 1, "train step", False, 1)),
                     repeats=3, time_budget_s=10.0, memory_budget_gb=None, matmul_n=None),
-    "full": dict(cases=(("tiny", 8, "forward", False), ("tiny", 8, "train step", True),
-                        ("small", 8, "forward", False), ("small", 8, "train step", True),
-                        ("paper", 8, "forward", False), ("paper", 8, "train step", True)),
+    "full": dict(cases=(("tiny", 8, "forward", False, 1), ("tiny", 8, "train step", True, 1),
+                        ("small", 8, "forward", False, 1), ("small", 8, "train step", True, 1),
+                        ("paper", 8, "forward", False, 1), ("paper", 8, "train step", True, 1),
+                        ("paper", 8, "train step", True, 2)),
                  repeats=3, time_budget_s=60.0, memory_budget_gb=48.0, matmul_n=None),
 }
 
@@ -96,7 +100,8 @@ def model_flops(cfg: ModelConfig, batch: int, samples: int) -> dict[str, float]:
 
 
 def _functions(cfg: ModelConfig):
-  """(forward(params, audio), train_step(params, opt_state, audio, target)) for `cfg`."""
+  """(forward(params, audio), train_step(params, opt_state, audio, target), optimizer) for
+  `cfg`."""
   model = BSMamba2(cfg)
   loss_fn = get_loss("official")
   optimizer = optax.chain(optax.clip_by_global_norm(3.0),
@@ -113,33 +118,51 @@ def _functions(cfg: ModelConfig):
   return forward, train_step, optimizer
 
 
-def case_row(preset: str, seconds: float, what: str, remat: bool, settings: dict,
+def steps_in_one_call(train_step):
+  """`train_step` run on each of K (audio, target) pairs, (K, 1, C, N) each, in one program."""
+  def train_steps(params, opt_state, audios, targets):
+    def step(carry, batch):
+      params, opt_state, loss = train_step(*carry, *batch)
+      return (params, opt_state), loss
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (audios, targets))
+    return params, opt_state, losses
+  return train_steps
+
+
+def case_row(preset: str, seconds: float, what: str, remat: bool, steps: int, settings: dict,
              matmul: float) -> dict:
-  """Times one forward or training step of `preset` on (1, C, seconds·44.1 kHz) audio."""
+  """Times a forward or `steps` training steps of `preset` on (1, C, seconds·44.1 kHz) audio in
+  one call; `s_per_step` = median_s / steps."""
   cfg = ModelConfig.preset(preset, remat=remat)
   samples = int(round(seconds * cfg.sample_rate))
   params = init_params(cfg, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
-  audio = jnp.asarray(0.1 * rng.standard_normal((1, cfg.audio_channels, samples)), jnp.float32)
+  audio = jnp.asarray(0.1 * rng.standard_normal((steps, 1, cfg.audio_channels, samples)),
+                      jnp.float32)
   target = 0.5 * audio
   forward, train_step, optimizer = _functions(cfg)
   flops = model_flops(cfg, 1, samples)
   if what == "forward":
-    fn, args, analytic = forward, (params, audio), flops["total"]
-  else:
-    fn, args = train_step, (params, optimizer.init(params), audio, target)
+    fn, args, analytic = forward, (params, audio[0]), flops["total"]
+  elif steps == 1:
+    fn, args = train_step, (params, optimizer.init(params), audio[0], target[0])
     analytic = 3 * flops["total"]
+  else:
+    fn, args = steps_in_one_call(train_step), (params, optimizer.init(params), audio, target)
+    analytic = steps * 3 * flops["total"]
   budget_gb = settings["memory_budget_gb"] or common.memory_budget_gb()
-  name = f"{preset} {what} {seconds:g} s{' remat' if remat else ''}"
+  name = (f"{preset} {what} {seconds:g} s{' remat' if remat else ''}"
+          f"{f', {steps} per call' if steps > 1 else ''}")
   row = scaling.timed_compiled(
       name, fn, args, repeats=settings["repeats"],
       time_budget_s=settings["time_budget_s"], memory_budget_gb=budget_gb,
-      preset=preset, what=what, audio_s=seconds, batch=1, remat=remat,
+      preset=preset, what=what, audio_s=seconds, batch=1, remat=remat, steps_per_call=steps,
       analytic_flops=analytic, analytic_parts=flops)
   row["analytic_gflop"] = analytic / 1e9
   row["xla_gflop"] = None if row["xla_flops"] is None else row["xla_flops"] / 1e9
   row["peak_gb"] = None if row["peak_bytes"] is None else row["peak_bytes"] / 1e9
   if row.get("median_s"):
+    row["s_per_step"] = row["median_s"] / steps
     row["achieved_gflops"] = analytic / row["median_s"] / 1e9
     row["of_matmul"] = row["achieved_gflops"] / matmul
   return row
@@ -149,16 +172,18 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
   settings = SETTINGS[mode]
   reference = common.matmul_gflops(settings["matmul_n"])
   rows = [reference]
-  for preset, seconds, what, remat in settings["cases"]:
-    rows.append(case_row(preset, seconds, what, remat, settings, reference["gflops"]))
+  for case in settings["cases"]:
+    rows.append(case_row(*case, settings, reference["gflops"]))
   columns = ["name", "analytic_gflop", "xla_gflop", "median_s", "min_s", "max_s", "user_s",
-             "sys_s", "achieved_gflops", "of_matmul", "peak_gb", "compile_s", "skipped"]
+             "sys_s", "s_per_step", "achieved_gflops", "of_matmul", "peak_gb", "compile_s",
+             "skipped"]
   text = (common.format_table(rows[1:], columns)
           + f"\n\nReference: jitted fp32 {reference['n']}² matmul "
           f"{reference['gflops']:.1f} GFLOP/s (median of {len(reference['repeats'])}), same run. "
           "Batch 1, fp32, random audio; train step = value_and_grad of the official loss + "
-          "clip + AdamW (remat per the row name). analytic: the formula in "
-          "`experiments/benchmarks/limit.py` (train step = 3 × forward); xla: XLA "
+          "clip + AdamW (remat per the row name); 'K per call': K steps on K batches in one "
+          "call, whose times and CPU seconds the row gives (s_per_step = median / K). "
+          "analytic: the formula in `experiments/benchmarks/limit.py` (train step = 3 × forward); xla: XLA "
           "cost_analysis of the compiled program; of_matmul = (analytic / median) / matmul "
           "rate; user_s / sys_s: the process's CPU seconds per call in user space and in the "
           "kernel (`common.timed`).")
