@@ -143,12 +143,14 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
 
 def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_size: int = 1,
                         mono: bool = False, split: str = "valid",
-                        max_examples: int | None = None) -> Iterator[dict]:
+                        max_examples: int | None = None, warn: bool = True) -> Iterator[dict]:
   """Finite batches of aligned, unaugmented windows of `split` (see mixing.validation_windows).
 
   Yields {"mixture", "vocals"}: float32 (batch, C, N) and "track": list of track names; the last
   batch may be smaller than `batch_size`. `max_examples` keeps that many windows evenly spaced
   over all tracks and positions (the first windows alone are mostly the tracks' quiet intros).
+  `warn`: name the tracks too short for a window (a caller that validates again and again names
+  them once).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -160,7 +162,8 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
     where = (f" (the names in {musdb.VALIDATION_LIST} if present, else the musdb package's "
              "validation tracks, under train/)" if split == "valid" else "")
     raise ValueError(f"{data_dir}: the '{split}' split has no tracks{where}")
-  warn_short_tracks(tracks, segment_seconds, split)
+  if warn:
+    warn_short_tracks(tracks, segment_seconds, split)
   windows = mixing.validation_windows(tracks, segment)
   if max_examples is not None and max_examples < len(windows):
     keep = np.unique(np.linspace(0, len(windows) - 1, max_examples).round().astype(int))

@@ -124,16 +124,17 @@ def stack_steps(batches: list[dict]) -> dict:
   return {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
 
 
-def validation_batches(config: ml_collections.ConfigDict) -> Iterator[dict]:
-  """The validation split's windows; its tracks are checked when this is called."""
+def validation_batches(config: ml_collections.ConfigDict, warn: bool = True) -> Iterator[dict]:
+  """The validation split's windows; its tracks are checked when this is called (`warn`: name
+  the tracks too short for a window)."""
   from data_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.validation_iterator(
       config.data.dir, segment_seconds=config.eval.segment_seconds,
       batch_size=config.eval.batch_size, mono=config.data.mono, split="valid",
-      max_examples=config.eval.max_examples)
+      max_examples=config.eval.max_examples, warn=warn)
 
 
-def validate(experiment: Experiment, params: Any) -> dict[str, float]:
+def validate(experiment: Experiment, params: Any, warn: bool = True) -> dict[str, float]:
   """Vocals uSDR and cSDR of the EMA model on the validation split, scored per track (SPEC §7).
 
   Each track's windows are joined end to end and scored as one signal: uSDR averaged over tracks,
@@ -141,12 +142,13 @@ def validate(experiment: Experiment, params: Any) -> dict[str, float]:
   Scoring windows one by one would let windows with silent vocals (uSDR ≈ −40 dB or lower)
   swamp the mean; a track whose vocals are digital silence (an instrumental) has no vocals to
   score and is left out, with a warning (its uSDR would be -80 dB or lower whatever the model
-  does). `valid_input_usdr` scores the mixture itself (the do-nothing baseline).
+  does). `valid_input_usdr` scores the mixture itself (the do-nothing baseline). `warn`: name
+  the tracks left out (the launcher does at its first validation only, not every eval_every).
   """
   config = experiment.config
   batch_size = config.eval.batch_size
   windows = {}  # track -> list of (mixture, vocals, estimate), each (C, N)
-  for batch in validation_batches(config):
+  for batch in validation_batches(config, warn):
     mixture, vocals = batch["mixture"], batch["vocals"]
     count = len(mixture)
     padded = np.pad(mixture, ((0, batch_size - count), (0, 0), (0, 0)))  # One compiled shape.
@@ -163,7 +165,7 @@ def validate(experiment: Experiment, params: Any) -> dict[str, float]:
     input_usdr.append(metrics.usdr(v, m))
     csdr.append(metrics.csdr(np.stack([v, m - v]), np.stack([e, m - e]),
                              sample_rate=experiment.model_config.sample_rate)[0])
-  if silent:
+  if silent and warn:
     logging.warning("validation: %d track(s) with silent vocals left out of the scores: %s",
                     len(silent), ", ".join(map(str, silent)))
   csdr = np.asarray(csdr)
@@ -470,10 +472,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
     if jax.process_count() == 1:
       save(state_r)
 
+  validations = []  # one entry per validation run so far
+
   def validate_and_save(state_r):
     """Validation metrics, logged and saved with the state."""
     try:
-      metrics_row = validate(experiment, unreplicate(state_r.ema_params))
+      metrics_row = validate(experiment, unreplicate(state_r.ema_params), warn=not validations)
+      validations.append(step)
     except BaseException:
       save_before_failing(state_r)
       raise
