@@ -472,13 +472,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
     if jax.process_count() == 1:
       save(state_r)
 
-  validations = []  # one entry per validation run so far
+  validated = False  # warnings about the validation tracks come with the first validation
 
   def validate_and_save(state_r):
     """Validation metrics, logged and saved with the state."""
+    nonlocal validated
     try:
-      metrics_row = validate(experiment, unreplicate(state_r.ema_params), warn=not validations)
-      validations.append(step)
+      metrics_row = validate(experiment, unreplicate(state_r.ema_params), warn=not validated)
+      validated = True
     except BaseException:
       save_before_failing(state_r)
       raise

@@ -183,8 +183,8 @@ def run(mode: str = "default") -> tuple[list[dict], str]:
           "Batch 1, fp32, random audio; train step = value_and_grad of the official loss + "
           "clip + AdamW (remat per the row name); 'K per call': K steps on K batches in one "
           "call, whose times and CPU seconds the row gives (s_per_step = median / K). "
-          "analytic: the formula in `experiments/benchmarks/limit.py` (train step = 3 × forward); xla: XLA "
-          "cost_analysis of the compiled program; of_matmul = (analytic / median) / matmul "
-          "rate; user_s / sys_s: the process's CPU seconds per call in user space and in the "
-          "kernel (`common.timed`).")
+          "analytic: the formula in `experiments/benchmarks/limit.py` (train step = 3 × "
+          "forward); xla: XLA cost_analysis of the compiled program; of_matmul = (analytic / "
+          "median) / matmul rate; user_s / sys_s: the process's CPU seconds per call in user "
+          "space and in the kernel (`common.timed`).")
   return rows, text
