@@ -1,11 +1,11 @@
-"""Evaluation on a MUSDB18-HQ-layout dataset: per-track cSDR/uSDR, aggregates, studies, plots.
+"""Evaluation on a MUSDB18-HQ-layout dataset: per-track cSDR/uSDR, aggregates, studies, reports.
 
-Per track, the separator's vocals and accompaniment (= mixture - vocals) are scored against
-the true vocals and the true accompaniment (drums + bass + other) with the SPEC §7 metrics:
-cSDR (museval v4, 1-s frames, both stems evaluated together, nanmedian over frames) and
-uSDR. The mixture-as-estimate baseline (SiSEC's "MIX": the mixture given as the estimate of
-every stem) is scored alongside. Aggregates give median and mean over tracks (the paper
-reports the median cSDR and the mean uSDR).
+Per track, the separator's vocals and accompaniment (= mixture - vocals) are scored against the
+true vocals and the true accompaniment (drums + bass + other) by `metrics.separation_scores`, as
+validation scores them (docs/metrics.md): cSDR (museval v4, 1-s frames, both stems evaluated
+together, nanmedian over frames) and uSDR. The mixture-as-estimate baseline (SiSEC's "MIX": the
+mixture given as the estimate of every stem) is scored alongside. Aggregates give median and
+mean over tracks (the paper reports the median cSDR and the mean uSDR).
 
 Sparse-vocal breakdown: a track's vocal activity is the fraction of its full 1-s frames whose
 true-vocal RMS (over channels and samples) reaches ACTIVITY_THRESHOLD_DB dBFS; tracks are
@@ -23,9 +23,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from bsmamba2_jax import metrics
+from bsmamba2_jax import metrics, plots
 
-STEMS = ("vocals", "accompaniment")
+STEMS = metrics.STEMS
 ACTIVITY_THRESHOLD_DB = -40.0
 ACTIVITY_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SCORES = tuple(f"{stem}_{m}" for stem in STEMS for m in ("csdr", "usdr"))
@@ -45,19 +45,6 @@ def vocal_activity(vocals: np.ndarray, sample_rate: int = 44100,
   x = x.reshape(x.shape[0], frames, width).transpose(1, 0, 2).reshape(frames, -1)
   rms = np.sqrt(np.mean(x**2, axis=1))
   return float(np.mean(rms >= 10 ** (threshold_db / 20)))
-
-
-def score(references: dict[str, np.ndarray], estimates: dict[str, np.ndarray],
-          sample_rate: int = 44100) -> dict[str, float]:
-  """{stem}_csdr and {stem}_usdr (dB) of the (C, N) estimates of both STEMS."""
-  refs = np.stack([references[s] for s in STEMS]).astype(np.float32)
-  ests = np.stack([estimates[s] for s in STEMS]).astype(np.float32)
-  csdr = np.asarray(metrics.csdr(refs, ests, sample_rate=sample_rate), np.float64)
-  usdr = np.asarray(metrics.usdr(refs, ests), np.float64)
-  out = {}
-  for i, stem in enumerate(STEMS):
-    out[f"{stem}_csdr"], out[f"{stem}_usdr"] = float(csdr[i]), float(usdr[i])
-  return out
 
 
 # A MUSDB18-HQ mixture is the sum of its stems up to their 16-bit rounding (far below this);
@@ -97,8 +84,8 @@ def evaluate_track(separator, track) -> dict[str, Any]:
                        "Inf); the model's weights or settings are broken")
   row = dict(track=track.name, seconds=mixture.shape[-1] / sample_rate,
              vocal_activity=vocal_activity(vocals, sample_rate), wall_s=wall)
-  row.update(score(references, estimates, sample_rate))
-  baseline = score(references, {s: mixture for s in STEMS}, sample_rate)
+  row.update(metrics.separation_scores(references, estimates, sample_rate))
+  baseline = metrics.separation_scores(references, {s: mixture for s in STEMS}, sample_rate)
   row.update({f"mix_{k}": v for k, v in baseline.items()})
   return row
 
@@ -234,44 +221,6 @@ def _write_csv(path: str, rows: Sequence[dict]):
     writer.writerows(rows)
 
 
-def _plot_tracks(path: str, rows: Sequence[dict]):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  names = [r["track"].encode("utf-8", "backslashreplace").decode() for r in rows]
-  x = np.arange(len(rows))
-  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 4))
-  for i, key in enumerate(SCORES):
-    ax.bar(x + (i - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=key)
-  ax.set_xticks(x, names, rotation=90, fontsize=7)
-  ax.set_ylabel("SDR (dB)")
-  ax.set_title("Per-track scores")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def _plot_segments(path: str, study: Sequence[dict]):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  seg = [r["segment"] for r in study]
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(seg, [r["vocals_csdr_median"] for r in study], "o-", label="vocals cSDR (median)")
-  ax.plot(seg, [r["vocals_usdr_mean"] for r in study], "s-", label="vocals uSDR (mean)")
-  ax.set_xscale("log", base=2)
-  ax.set_xticks(seg, [f"{s:g}" for s in seg])
-  ax.set_xlabel("segment length (s), no overlap")
-  ax.set_ylabel("SDR (dB)")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 OUTPUT_FILES = ("per_track.csv", "results.json", "results.md", "per_track.png",
                 "sparse_vocals.csv", "segment_study.csv", "sdr_vs_segment.png")
 
@@ -297,11 +246,11 @@ def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict
   path = lambda name: os.path.join(output_dir, name)
   _write_csv(path("per_track.csv"), results["tracks"])
   _write_csv(path("sparse_vocals.csv"), results["sparse"])
-  _plot_tracks(path("per_track.png"), results["tracks"])
+  plots.per_track_scores(path("per_track.png"), results["tracks"], SCORES)
   written = ["per_track.csv", "sparse_vocals.csv", "per_track.png"]
   if study:
     _write_csv(path("segment_study.csv"), study)
-    _plot_segments(path("sdr_vs_segment.png"), study)
+    plots.segment_study(path("sdr_vs_segment.png"), study)
     written += ["segment_study.csv", "sdr_vs_segment.png"]
   with open(path("results.json"), "w") as f:
     json.dump(_strict_json(dict(results, segment_study=list(study or []))), f, indent=1,
@@ -334,10 +283,9 @@ def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "
 
   Returns (results, segment study rows, written paths).
   """
-  from bsmamba2_jax import checkpoints
-  from bsmamba2_jax.separation import Separator
-
-  from data_pipeline.musdb import split_folder_holding
+  from bsmamba2_jax import exports  # pylint: disable=g-import-not-at-top
+  from bsmamba2_jax.separator import Separator  # pylint: disable=g-import-not-at-top
+  from data_pipeline.musdb import split_folder_holding  # pylint: disable=g-import-not-at-top
 
   # Everything that can be checked before the long run is (the output folder again on writing).
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -354,7 +302,7 @@ def run(checkpoint: str, data_dir: str, split: str = "test", output_dir: str = "
     raise PermissionError(f"{output_dir}: cannot be written ({parent} is not a writable "
                           "folder); choose another --output_dir")
   existing_reports(output_dir, overwrite)  # refused before the long run, not after it
-  model, params = checkpoints.load_model(checkpoint)
+  model, params = exports.load_model(checkpoint)
   separators = {}
 
   def make(seg, ov):  # one compiled separator per chunk shape

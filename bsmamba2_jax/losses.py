@@ -1,4 +1,4 @@
-"""Training objectives on waveforms (SPEC §5).
+"""Training objectives on waveforms (docs/training.md §4).
 
 Both losses are `10 · mean|ŷ − y|` on waveforms plus a sum over resolutions of
 a mean STFT L1, each resolution using a periodic Hann window of `win` samples
@@ -11,7 +11,7 @@ centred in n_fft = max(win, 2048), hop 147, center + reflect:
 
 The target first passes through the model's STFT→iSTFT (n_fft 2048, hop 441)
 so that the loss ignores what the front end cannot represent. Windows are
-NumPy constants built once per trace (`audio` caches them). Everything runs in
+NumPy constants built once per trace (`stft` caches them). Everything runs in
 float32. Moduli use a safe square root and real L1 terms torch's subgradient,
 so gradients are finite, and zero, where estimate == target.
 """
@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bsmamba2_jax import audio
+from bsmamba2_jax import stft
 
 OFFICIAL_WINDOWS = (4096, 2048, 1024, 512, 256)
 FAST_WINDOWS = (2048, 1024, 512)
@@ -45,8 +45,8 @@ def _mean_abs(x: jnp.ndarray) -> jnp.ndarray:
 def roundtrip(y: jnp.ndarray, n_fft: int = 2048,
               hop_length: int = 441) -> jnp.ndarray:
   """istft(stft(y)) with the model's front end: (..., N) -> (..., N)."""
-  spec = audio.stft(y, n_fft, hop_length)
-  return audio.istft(spec, n_fft, hop_length, length=y.shape[-1])
+  spec = stft.stft(y, n_fft, hop_length)
+  return stft.istft(spec, n_fft, hop_length, length=y.shape[-1])
 
 
 def _check_pair(name, estimate, target):
@@ -85,20 +85,20 @@ def multi_resolution_loss(estimate, target, *, windows, magnitude: bool,
     target = roundtrip(target, frontend_n_fft, frontend_hop)
   loss = TIME_WEIGHT * _mean_abs(estimate - target)
   for win in windows:
-    stft = functools.partial(audio.stft, n_fft=max(win, MIN_N_FFT),
-                             hop_length=HOP, win_length=win)
+    transform = functools.partial(stft.stft, n_fft=max(win, MIN_N_FFT), hop_length=HOP,
+                                  win_length=win)
     if magnitude:
-      diff = _safe_abs(stft(estimate)) - _safe_abs(stft(target))
+      diff = _safe_abs(transform(estimate)) - _safe_abs(transform(target))
       loss = loss + _mean_abs(diff)
     else:
       # The STFT is linear: one transform of the difference, not two.
-      loss = loss + jnp.mean(_safe_abs(stft(estimate - target)))
+      loss = loss + jnp.mean(_safe_abs(transform(estimate - target)))
   return loss
 
 
 def official_loss(estimate, target, *, target_roundtrip: bool = True,
                   frontend_n_fft: int = 2048, frontend_hop: int = 441):
-  """SPEC §5 loss, 5 complex resolutions: (B, C, N) x2 -> () float32."""
+  """The official loss (docs/training.md §4), 5 complex resolutions: (B, C, N) x2 -> () float32."""
   return multi_resolution_loss(
       estimate, target, windows=OFFICIAL_WINDOWS, magnitude=False,
       target_roundtrip=target_roundtrip, frontend_n_fft=frontend_n_fft,

@@ -1,7 +1,8 @@
 """The Mamba2 mixer and the bidirectional block of BSMamba2, as the official graph defines them.
 
 Shapes: b batch, l sequence length, d model width, h heads, p head dim, g groups, n state size.
-Parameter names follow the official state_dict (SPEC §4) so that `convert.py` stays a table:
+Parameter names follow the official state_dict (docs/model.md §8), so that `convert.py` stays a
+table:
 `norm.weight`, `mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj}`, `linear`.
 Parameters are fp32; `dtype` is the compute dtype of the matmuls and the conv. dt, A and the scan
 state stay fp32 (the scan upcasts; `ssd_scan` keeps the output in x's dtype).
@@ -42,10 +43,9 @@ def broadcast_leading(param: jax.Array, leading: tuple[int, ...]) -> jax.Array:
 
   `jnp.broadcast_to`, except for its gradient, the cotangent summed over the leading axes: here
   one matrix-vector product with a vector of ones. XLA:CPU turns such a sum over many rows into
-  reduce-windows of 32 rows (its tree reduction), 2.5x slower on (62·101, 1280) (11.4 vs 4.6 ms)
-  and 19 % of the paper model's 1-s training step when the per-channel weights of the norms and
-  the conv summed their gradients that way (2-core VM, jax 0.10.2). Use it for per-channel
-  weights and biases applied to every token.
+  reduce-windows of 32 rows (its tree reduction), which is several times slower and was a large
+  share of a training step when the per-channel weights of the norms and the conv summed their
+  gradients that way. Use it for per-channel weights and biases applied to every token.
   """
   return jnp.broadcast_to(param, leading + param.shape)
 

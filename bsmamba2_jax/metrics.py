@@ -1,4 +1,4 @@
-"""Evaluation metrics uSDR and cSDR (SPEC §7), float64 NumPy.
+"""Evaluation metrics uSDR and cSDR (docs/metrics.md), float64 NumPy.
 
 * uSDR (MDX21 "new SDR"): `10·log10((Σ s² + eps) / (Σ (s − ŝ)² + eps))` over all
   channels and samples of a track.
@@ -13,6 +13,8 @@
 
 Arrays are (..., channels, samples) for uSDR and (sources, channels, samples)
 for cSDR; museval's (sources, samples, channels) layout is not used here.
+`separation_scores` is the one scoring of a separated track, used by validation
+and by test-set evaluation alike.
 """
 
 import warnings
@@ -95,6 +97,20 @@ def csdr(references, estimates, sample_rate: int = 44100, window=None,
     result = np.nanmedian(frames, axis=-1)
   result[~np.all(finite, axis=(1, 2))] = np.nan
   return result
+
+
+STEMS = ("vocals", "accompaniment")
+
+
+def separation_scores(references: dict, estimates: dict,
+                      sample_rate: int = 44100) -> dict[str, float]:
+  """{stem}_csdr and {stem}_usdr (dB) of the (C, N) `estimates` of both STEMS against the
+  `references`, cSDR evaluating the two stems together (museval refuses a single estimate)."""
+  refs = np.stack([references[s] for s in STEMS])
+  ests = np.stack([estimates[s] for s in STEMS])
+  scores = dict(csdr=csdr(refs, ests, sample_rate=sample_rate), usdr=usdr(refs, ests))
+  return {f"{stem}_{name}": float(scores[name][i]) for i, stem in enumerate(STEMS)
+          for name in ("csdr", "usdr")}
 
 
 def aggregate(values) -> dict:

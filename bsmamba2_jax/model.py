@@ -1,6 +1,6 @@
 """BSMamba2: band split -> dual-path bidirectional Mamba2 -> per-band mask -> complex mask -> iSTFT.
 
-The official graph (SPEC §3), one small module per idea. Shapes: b batch, c audio channels,
+The official graph (docs/model.md), one small module per idea. Shapes: b batch, c audio channels,
 s samples, f frequency bins, t frames, k bands, d model width.
 
 Feature order inside a band (the official one): frequency-major with channels interleaved and
@@ -9,7 +9,6 @@ Feature order inside a band (the official one): frequency-major with channels in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from typing import Any
 
@@ -17,129 +16,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsmamba2_jax import audio
+from bsmamba2_jax import stft
+from bsmamba2_jax.config import ModelConfig
 from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT, BiMamba2Block, torch_uniform
 
-# Band widths of the official model for n_fft 2048 (1025 bins): 2×24, 4×12, 12×8, 24×8, 48×8, 128, 129.
-PAPER_BAND_WIDTHS: tuple[int, ...] = (
-    (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129))
-
-
-def default_band_widths(n_fft: int) -> tuple[int, ...]:
-  """The paper's band layout scaled to `n_fft`; widths sum to n_fft // 2 + 1.
-
-  Widths scale with n_fft / 2048 (at least one bin); the last band takes the remainder, so
-  n_fft = 2048 gives exactly `PAPER_BAND_WIDTHS`.
-  """
-  bins = n_fft // 2 + 1
-  scale = n_fft / 2048
-  widths = [max(1, round(w * scale)) for w in PAPER_BAND_WIDTHS[:-1]]
-  while widths and sum(widths) >= bins:  # very small n_fft: drop the highest bands
-    widths.pop()
-  return tuple(widths) + (bins - sum(widths),)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Every hyperparameter of BSMamba2. `ModelConfig.preset(name)` gives the named sizes."""
-  audio_channels: int = 2
-  sample_rate: int = 44100
-  n_fft: int = 2048
-  hop_length: int = 441
-  band_widths: tuple[int, ...] = PAPER_BAND_WIDTHS
-  dim: int = 256
-  depth: int = 6
-  d_state: int = 128
-  expand: int = 4
-  headdim: int = 64
-  ngroups: int = 1
-  d_conv: int = 4
-  mask_hidden_mult: int = 4
-  scan_method: str = "chunked"
-  chunk_size: int = 64
-  dtype: str = "float32"
-  # Recompute each BiMamba2Block in the backward pass (jax.checkpoint) instead of storing its
-  # activations, except what `REMAT_POLICY` keeps. jax 0.12 honours it (4 chained scans: 2.5 ->
-  # 0.85 GB of temporaries); XLA:CPU in jaxlib 0.10 keeps its plan regardless (1-s paper train
-  # step: 12.6 GB of temporaries with, 12.4 GB without). The paper 8-s train step with remat
-  # fits 24 GB on jax 0.12 (18.8 GB, benchmarks/results/2026-11-26-vm-8).
-  remat: bool = False
-
-  def __post_init__(self):
-    object.__setattr__(self, "band_widths", tuple(int(w) for w in self.band_widths))
-    problems = []
-    if sum(self.band_widths) != self.n_fft // 2 + 1:
-      problems.append(f"band_widths sum to {sum(self.band_widths)}, expected n_fft//2+1 = "
-                      f"{self.n_fft // 2 + 1}")
-    if not 0 < self.hop_length <= self.n_fft // 2:
-      # The last frame, centred at a multiple of hop_length within hop_length of the end,
-      # reaches n_fft // 2 samples on: a longer hop leaves the end of the output uncovered
-      # (zeros), and the windows of frames further apart overlap too little to invert.
-      problems.append(f"hop_length must be in [1, n_fft // 2] so that frames cover every sample, "
-                      f"got hop_length={self.hop_length} with n_fft={self.n_fft}")
-    if (self.expand * self.dim) % self.headdim:
-      problems.append(f"expand*dim = {self.expand * self.dim} is not a multiple of headdim "
-                      f"{self.headdim}")
-    elif (self.expand * self.dim // self.headdim) % self.ngroups:
-      problems.append(f"the {self.expand * self.dim // self.headdim} heads do not split into "
-                      f"ngroups={self.ngroups}")
-    if self.audio_channels not in (1, 2):
-      problems.append(f"audio_channels must be 1 or 2, got {self.audio_channels}")
-    if self.dtype not in ("float32", "bfloat16"):
-      problems.append(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    if self.scan_method not in ("chunked", "associative", "sequential"):
-      problems.append(f"unknown scan_method {self.scan_method!r}")
-    if problems:
-      raise ValueError("invalid ModelConfig: " + "; ".join(problems))
-
-  @classmethod
-  def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-    """'paper' (48,098,188 parameters), 'small', or 'tiny' (trains on 2 CPU cores in minutes)."""
-    if name not in PRESETS:
-      raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    fields = dict(PRESETS[name], **overrides)
-    if "n_fft" in overrides and "band_widths" not in overrides:
-      fields["band_widths"] = default_band_widths(fields["n_fft"])
-    return cls(**fields)
-
-  def to_dict(self) -> dict:
-    """JSON-able dict; `ModelConfig.from_dict` inverts it."""
-    d = dataclasses.asdict(self)
-    d["band_widths"] = list(self.band_widths)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "ModelConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"unknown ModelConfig fields {unknown}")
-    return cls(**d)
-
-  @property
-  def compute_dtype(self):
-    return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
-
-  @property
-  def mixer(self) -> dict:
-    """Keyword arguments of `Mamba2` (besides d_model)."""
-    return dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
-                headdim=self.headdim, ngroups=self.ngroups, scan_method=self.scan_method,
-                chunk_size=self.chunk_size, dtype=self.compute_dtype)
-
-
 # What a rematerialised BiMamba2Block keeps: each mixer's scan output and output, 5 KiB per token
-# and mixer in fp32. Without them the recomputation runs the scan forward (the time path's
-# blockwise scan then runs it a third time inside its own backward) and out_proj, which the merge
-# Dense's weight gradient needs. Paper 2-s train step, jax 0.12, 2-core VM: 30.6 -> 27.1 s
-# (medians over runs), temporaries 3.71 -> 4.47 GB.
+# and mixer in fp32. Without them the recomputation would run the scan forward again (the time
+# path's blockwise scan then a third time inside its own backward) and out_proj, which the merge
+# Dense's weight gradient needs: a little more memory buys a faster step (docs/performance.md).
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(SCAN_OUTPUT, MIXER_OUTPUT)
-
-PRESETS: dict[str, dict] = {
-    "paper": {},
-    "small": dict(dim=128, depth=4, d_state=64, expand=2, headdim=32),
-    "tiny": dict(dim=32, depth=2, d_state=16, expand=2, headdim=16),
-}
 
 
 def band_rmsnorm(x: jax.Array, gamma: jax.Array) -> jax.Array:
@@ -296,11 +181,11 @@ class BSMamba2(nn.Module):
 
   def masked_istft(self, spec: jax.Array, mask: jax.Array, length: int) -> jax.Array:
     """Complex-multiplies spec and mask, both (b, c, f, t), and returns the (b, c, length) iSTFT."""
-    return audio.istft(spec * mask, self.config.n_fft, self.config.hop_length, length=length)
+    return stft.istft(spec * mask, self.config.n_fft, self.config.hop_length, length=length)
 
   def apply_mask(self, audio_in: jax.Array, mask: jax.Array) -> jax.Array:
     """The model's output path with a given complex mask (b, c, f, t) for audio_in (b, c, s)."""
-    spec = audio.stft(audio_in.astype(jnp.float32), self.config.n_fft, self.config.hop_length)
+    spec = stft.stft(audio_in.astype(jnp.float32), self.config.n_fft, self.config.hop_length)
     return self.masked_istft(spec, mask, audio_in.shape[-1])
 
   @nn.compact
@@ -310,7 +195,7 @@ class BSMamba2(nn.Module):
     if audio_in.ndim != 3 or audio_in.shape[1] != cfg.audio_channels:
       raise ValueError(f"BSMamba2 expects audio of shape (batch, {cfg.audio_channels}, samples), "
                        f"got {tuple(audio_in.shape)}")
-    spec = audio.stft(audio_in.astype(jnp.float32), cfg.n_fft, cfg.hop_length)
+    spec = stft.stft(audio_in.astype(jnp.float32), cfg.n_fft, cfg.hop_length)
     mask = self.estimate_mask(spec)
     vocals = self.masked_istft(spec, mask, audio_in.shape[-1])
     return (vocals, mask) if return_mask else vocals

@@ -1,4 +1,4 @@
-"""Random cross-track mixing (SPEC §5) and aligned validation windows.
+"""Random cross-track mixing (docs/training.md §3) and aligned validation windows.
 
 Training example: each of vocals/drums/bass/other comes from an independently drawn salient
 window of an independently drawn track; each is zeroed with probability `p_zero` (0.1),

@@ -15,6 +15,8 @@ import os
 import numpy as np
 import soundfile as sf
 
+from bsmamba2_jax.audio_io.paths import is_within
+
 SAMPLE_RATE = 44100
 STEMS = ("mixture", "vocals", "drums", "bass", "other")
 SOURCES = ("vocals", "drums", "bass", "other")
@@ -37,12 +39,6 @@ MUSDB_VALIDATION_TRACKS = (
     "Meaxic - Take A Step",
     "Traffic Experiment - Sirens",
 )
-
-
-def is_within(path: str, folder: str) -> bool:
-  """Whether `path` lies in `folder` or below, links resolved."""
-  path, folder = os.path.realpath(path), os.path.realpath(folder)
-  return os.path.commonpath([path, folder]) == folder
 
 
 def split_folder_holding(data_dir: str, path: str) -> str | None:

@@ -25,7 +25,8 @@ def example_rng(seed: int, process_index: int, step: int, example: int) -> np.ra
   return np.random.default_rng([seed, process_index, step, example])
 
 
-def _segment_samples(segment_seconds: float) -> int:
+def segment_samples(segment_seconds: float) -> int:
+  """Samples of a `segment_seconds` window at 44.1 kHz; ValueError unless positive."""
   segment = int(round(segment_seconds * musdb.SAMPLE_RATE))
   if segment <= 0:
     raise ValueError(f"segment_seconds must be positive, got {segment_seconds}")
@@ -64,7 +65,7 @@ class TrainIterator:
 
 def warn_short_tracks(tracks: list[musdb.Track], segment_seconds: float, split: str) -> None:
   """Logs the tracks of `split` shorter than one segment: they give no window at all."""
-  short = [t.name for t in tracks if t.num_samples < _segment_samples(segment_seconds)]
+  short = [t.name for t in tracks if t.num_samples < segment_samples(segment_seconds)]
   if short:
     logging.warning("%d track(s) of the '%s' split are shorter than one %g-s segment and are not "
                     "used: %s", len(short), split, segment_seconds, ", ".join(short))
@@ -73,7 +74,7 @@ def warn_short_tracks(tracks: list[musdb.Track], segment_seconds: float, split: 
 def training_tracks(data_dir: str, segment_seconds: float
                     ) -> tuple[list[musdb.Track], dict[str, list[tuple[int, int]]]]:
   """The checked tracks of the "train" split and their salient index (hop: half a segment,
-  8 s / 4 s as in SPEC §5; cached on disk, so a second call is quick)."""
+  8 s / 4 s as in docs/training.md §2; cached on disk, so a second call is quick)."""
   dataset = musdb.MusdbDataset(data_dir)
   tracks = dataset.tracks("train")
   if not tracks:
@@ -108,7 +109,7 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
   if local_devices < 1 or per_device_batch < 1 or start_step < 0:
     raise ValueError(f"need local_devices >= 1, per_device_batch >= 1, start_step >= 0; got "
                      f"{local_devices}, {per_device_batch}, {start_step}")
-  segment = _segment_samples(segment_seconds)
+  segment = segment_samples(segment_seconds)
   tracks, index = training_set or training_tracks(data_dir, segment_seconds)
   batch = local_devices * per_device_batch
   channels = 1 if mono else 2
@@ -156,7 +157,7 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if max_examples is not None and max_examples < 1:
     raise ValueError(f"max_examples must be >= 1 (or None for every window), got {max_examples}")
-  segment = _segment_samples(segment_seconds)
+  segment = segment_samples(segment_seconds)
   tracks = musdb.MusdbDataset(data_dir).tracks(split)
   if not tracks:
     where = (f" (the names in {musdb.VALIDATION_LIST} if present, else the musdb package's "

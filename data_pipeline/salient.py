@@ -1,4 +1,4 @@
-"""Salient-segment index (SPEC §5): which windows of which track carry each stem.
+"""Salient-segment index (docs/training.md §2): which windows of which track carry each stem.
 
 Rule, per stem and track: windows of `segment` samples every `hop` samples (those that fit
 entirely); each window is split into 10 equal chunks; per channel, chunk RMS
@@ -12,7 +12,6 @@ file changes.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +19,7 @@ import os
 
 import numpy as np
 
+from bsmamba2_jax import atomic
 from data_pipeline import musdb
 
 CACHE_DIR = ".salient_cache"
@@ -30,7 +30,7 @@ FLOOR = 1e-3
 
 def salient_mask(windows: np.ndarray, *, num_chunks: int = NUM_CHUNKS,
                  quantile: float = QUANTILE, floor: float = FLOOR) -> np.ndarray:
-  """The SPEC §5 test on windows (..., channels, segment) → bool (...): salient or not."""
+  """The salient test (docs/training.md §2): windows (..., channels, segment) → bool (...)."""
   segment = windows.shape[-1]
   if segment % num_chunks:
     raise ValueError(f"segment of {segment} samples does not split into {num_chunks} chunks")
@@ -123,16 +123,11 @@ def _read_cache(cache_file: str, stems: tuple[str, ...],
 def _write_cache(cache_dir: str, cache_file: str, split: str, params: dict, index: dict) -> None:
   """Writes the index atomically and removes this split's stale cache files; a write that fails
   (a full disk) leaves no partial file behind."""
-  tmp = f"{cache_file}.{os.getpid()}.tmp"
   try:
     os.makedirs(cache_dir, exist_ok=True)
     for name in os.listdir(cache_dir):
       if name.startswith(f"{split}-") and name.endswith(".json"):
         os.remove(os.path.join(cache_dir, name))
-    with open(tmp, "w") as f:
-      json.dump(dict(params=params, index=index), f)
-    os.replace(tmp, cache_file)
+    atomic.write_json(cache_file, dict(params=params, index=index), indent=None)
   except OSError as e:  # a read-only dataset still works, just without the cache
     logging.warning("%s: cannot write the salient-segment cache (%s)", cache_dir, e)
-    with contextlib.suppress(OSError):
-      os.remove(tmp)

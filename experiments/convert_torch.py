@@ -5,11 +5,12 @@
 """
 from absl import app, flags
 
-from bsmamba2_jax import convert
-from experiments import DEFINE_path, parse_flags
+from bsmamba2_jax import exports, runtime
+from bsmamba2_jax.errors import CheckpointError
+from experiments import cli
 
-_CKPT = DEFINE_path("torch_ckpt", None, "Official Lightning .ckpt or bare state_dict file.")
-_OUT_DIR = DEFINE_path("output_dir", None, "Where the inference export is written.")
+_CKPT = cli.DEFINE_path("torch_ckpt", None, "Official Lightning .ckpt or bare state_dict file.")
+_OUT_DIR = cli.DEFINE_path("output_dir", None, "Where the inference export is written.")
 _EMA = flags.DEFINE_bool("use_ema", False, "Take the EMA weights kept in the optimizer state.")
 _HOP = flags.DEFINE_integer("hop_length", 441, "STFT hop (not stored in the weights).")
 _CHANNELS = flags.DEFINE_enum(
@@ -17,29 +18,30 @@ _CHANNELS = flags.DEFINE_enum(
     "Audio channels of the model, where the band shapes leave it open (default: inferred).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export / file.")
 _TO_TORCH = flags.DEFINE_bool("to_torch", False, "Convert an export back to a PyTorch .ckpt.")
-_EXPORT_DIR = DEFINE_path("export_dir", None, "With --to_torch: the export to convert.")
-_OUTPUT = DEFINE_path("output", None, "With --to_torch: the .ckpt file to write.")
+_EXPORT_DIR = cli.DEFINE_path("export_dir", None, "With --to_torch: the export to convert.")
+_OUTPUT = cli.DEFINE_path("output", None, "With --to_torch: the .ckpt file to write.")
 
 
 def main(argv):
+  runtime.configure(compilation_cache=True)  # XLA:CPU flags; compiled programs kept
   del argv
   try:
     if _TO_TORCH.value:
       if not (_EXPORT_DIR.value and _OUTPUT.value):
         raise app.UsageError("--to_torch needs --export_dir and --output")
-      path = convert.export_torch_checkpoint(_EXPORT_DIR.value, _OUTPUT.value,
+      path = exports.export_torch_checkpoint(_EXPORT_DIR.value, _OUTPUT.value,
                                              overwrite=_OVERWRITE.value)
     else:
       if not (_CKPT.value and _OUT_DIR.value):
         raise app.UsageError("needs --torch_ckpt and --output_dir")
       channels = {} if _CHANNELS.value is None else dict(audio_channels=int(_CHANNELS.value))
-      path = convert.convert_checkpoint(_CKPT.value, _OUT_DIR.value, use_ema=_EMA.value,
+      path = exports.convert_checkpoint(_CKPT.value, _OUT_DIR.value, use_ema=_EMA.value,
                                         overwrite=_OVERWRITE.value, hop_length=_HOP.value,
                                         **channels)
-  except (convert.CheckpointError, OSError) as e:  # bad files or folders: one line naming them
+  except (CheckpointError, OSError) as e:  # bad files or folders: one line naming them
     raise SystemExit(f"convert_torch: {e}")
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

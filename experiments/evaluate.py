@@ -13,15 +13,15 @@ import sys
 
 from absl import app, flags, logging
 
-from bsmamba2_jax import evaluation
-from experiments import DEFINE_path, parse_flags
+from bsmamba2_jax import evaluation, runtime
+from experiments import cli
 
-_CHECKPOINT = DEFINE_path(
+_CHECKPOINT = cli.DEFINE_path(
     "checkpoint", None, "Exported Orbax directory or official PyTorch checkpoint.")
-_DATA_DIR = DEFINE_path("data_dir", None, "MUSDB18-HQ-layout dataset root.")
+_DATA_DIR = cli.DEFINE_path("data_dir", None, "MUSDB18-HQ-layout dataset root.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "valid", "test", "train_full"],
                            "Tracks to evaluate.")
-_OUTPUT_DIR = DEFINE_path("output_dir", "evaluation", "Where the reports are written.")
+_OUTPUT_DIR = cli.DEFINE_path("output_dir", "evaluation", "Where the reports are written.")
 _SEGMENT = flags.DEFINE_float("segment", 8.0, "Chunk length (s) of the main evaluation.")
 _OVERLAP = flags.DEFINE_float(
     "overlap", 0.0, "Chunk overlap of the main evaluation; 0 is the official protocol.")
@@ -38,6 +38,7 @@ flags.mark_flags_as_required(["checkpoint", "data_dir"])
 
 
 def main(argv):
+  runtime.configure(compilation_cache=True)  # XLA:CPU flags; compiled programs kept
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

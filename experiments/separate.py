@@ -14,15 +14,16 @@ import sys
 
 from absl import app, flags, logging
 
-from bsmamba2_jax import separation
-from experiments import DEFINE_multi_path, DEFINE_path, parse_flags
+from bsmamba2_jax import runtime, separate
+from bsmamba2_jax.audio_io.paths import DEFAULT_TEMPLATE
+from experiments import cli
 
-_INPUT = DEFINE_multi_path("input", None, "Audio files, folders (recursive) or globs.")
-_CHECKPOINT = DEFINE_path(
+_INPUT = cli.DEFINE_multi_path("input", None, "Audio files, folders (recursive) or globs.")
+_CHECKPOINT = cli.DEFINE_path(
     "checkpoint", None, "Exported Orbax directory or official PyTorch checkpoint.")
-_OUTPUT_DIR = DEFINE_path("output_dir", "separated", "Where the stems are written.")
+_OUTPUT_DIR = cli.DEFINE_path("output_dir", "separated", "Where the stems are written.")
 _TEMPLATE = flags.DEFINE_string(
-    "template", separation.DEFAULT_TEMPLATE,
+    "template", DEFAULT_TEMPLATE,
     "Output path under --output_dir; fields {track} (input name), {trackext} (its extension), "
     "{folder} (its folder's name), {stem}, {ext}.")
 _FORMAT = flags.DEFINE_enum("format", "wav", ["wav", "flac"], "Output file format.")
@@ -47,6 +48,8 @@ def _interrupt(signum, frame):
 
 
 def main(argv):
+  # XLA:CPU flags before JAX starts; compiled programs kept, so a second run starts at once.
+  runtime.configure(compilation_cache=True)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass files with --input")
   logging.set_verbosity(logging.INFO)
@@ -55,7 +58,7 @@ def main(argv):
   if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:  # nohup: ignored
     signal.signal(hangup, _interrupt)
   try:
-    results = separation.separate_files(
+    results = separate.separate_files(
         _INPUT.value, checkpoint=_CHECKPOINT.value, output_dir=_OUTPUT_DIR.value,
         template=_TEMPLATE.value, fmt=_FORMAT.value, bit_depth=_BIT_DEPTH.value,
         segment=_SEGMENT.value, overlap=_OVERLAP.value, batch_size=_BATCH_SIZE.value,
@@ -78,7 +81,7 @@ def main(argv):
 
 def run():
   """Console-script entry point (`bsmamba2-separate`)."""
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)
 
 
 if __name__ == "__main__":

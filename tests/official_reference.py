@@ -1,6 +1,6 @@
 """The official BSMamba2 forward in float64 NumPy, read straight from an official state_dict.
 
-Written from SPEC §3-§4 and the official code's data flow (view_as_real -> "b c f t p -> b (f c) t p"
+Written from docs/model.md (§1-§8) and the official code's data flow (view_as_real -> "b c f t p -> b (f c) t p"
 -> "b t (f p)", per-band split, dual path, per-band MLP + GLU, complex mask), independently of the
 Flax model: it takes torch-layout weights by their official names, so comparing it with
 `BSMamba2` checks the graph, the feature order and every layout conversion at once.

@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsmamba2_jax.model import BSMamba2, ModelConfig
+from bsmamba2_jax.config import ModelConfig
+from bsmamba2_jax.model import BSMamba2
 from experiments.benchmarks import limit, report, scaling
 
 
 def _reference_scan(x, dt, A, B, C, D):
-  """float64 NumPy recurrence of SPEC §3 step 4, head h reading group h // (H / G)."""
+  """float64 NumPy recurrence of docs/model.md §5, head h reading group h // (H / G)."""
   x, dt, A, B, C, D = (np.asarray(v, np.float64) for v in (x, dt, A, B, C, D))
   batch, seqlen, heads, headdim = x.shape
   group = np.arange(heads) // (heads // B.shape[2])
@@ -82,7 +83,7 @@ def test_dense_flops_equal_twice_the_weights_per_use():
 
 def test_paper_forward_flops_near_spec_estimate():
   total = limit.model_flops(ModelConfig.preset("paper"), 1, 8 * 44100)["total"]
-  assert 2.6e12 < total < 3.4e12  # SPEC §9: ~3.1 TFLOP per 8-s stereo example
+  assert 2.6e12 < total < 3.4e12  # docs/model.md §7: ~3.1 TFLOP per 8-s stereo example
 
 
 def test_ssd_flops_match_xla_count_at_time_path_shape():
@@ -221,3 +222,51 @@ def test_timed_rows_carry_the_cpu_seconds_of_each_call():
   per_call = (time.process_time() - start) / 3
   assert 0.5 * per_call <= cpu <= 2 * per_call, (row, per_call)  # per call, not summed
   assert row["user_s"] > 4 * row["sys_s"] >= 0, row
+
+
+def test_recipe_smoke_section_times_the_launchers_step_at_both_batches():
+  """`--mode=gpu`'s `recipe` section on a microscopic model: env, matmuls, both step cases."""
+  from experiments.benchmarks import recipe
+  rows, text = recipe.run("smoke")
+  env = rows[0]
+  assert env["name"].startswith("env: ") and env["jax"] == jax.__version__
+  assert env["device_count"] == len(jax.devices()) and env["optax"]
+  matmuls = {r["dtype"]: r for r in rows if r["name"].startswith("matmul")}
+  assert set(matmuls) == {"float32", "bfloat16"}
+  for r in matmuls.values():
+    assert r["n"] == 128 and np.isfinite(r["median_s"]) and r["tflops"] > 0
+  steps = {(r["per_device_batch"], r["remat"]): r for r in rows if "per_device_batch" in r}
+  assert set(steps) == {(5, True), (1, False)}  # the recipe's batch with remat, one without
+  devices = jax.local_device_count()
+  for (batch, _), r in steps.items():
+    assert not r.get("skipped") and not r.get("error"), r
+    assert r["batch"] == batch * devices and len(r["repeats"]) == 2
+    assert all(np.isfinite([r["median_s"], r["min_s"], r["max_s"], r["lower_s"],
+                            r["compile_s"]])) and r["min_s"] <= r["median_s"] <= r["max_s"]
+    assert r["examples_per_s"] == pytest.approx(r["batch"] / r["median_s"])
+    assert r["tflops"] == pytest.approx(r["analytic_gflop"] * devices / r["median_s"] / 1e3)
+    assert np.isfinite(r["loss_after"]) and r["grad_norm_after"] > 0 and r["finite_after"]
+    assert r["peak_gb"] > 0 and r["precision"] == "float32"  # fp32 on CPU
+  assert "| paper step batch 5 remat | float32 | 5 | " in text and " examples_per_s " in text
+  # The report's targets read `limit`, `scan` and `peers` only: a gpu run has none of them.
+  found = report.targets({"recipe": rows})
+  assert [t["measured"] for t in found] == [None, None, None]
+  assert found[2]["setting"] == "limit not measured"
+
+
+def test_gpu_mode_runs_its_sections_and_the_rest_in_default(tmp_path, monkeypatch):
+  from experiments import benchmark
+  assert benchmark.default_sections("gpu") == ("recipe", "separate", "precision")
+  assert "recipe" not in benchmark.default_sections("default")
+  assert set(benchmark.GPU_SECTIONS) <= set(benchmark.SECTIONS)
+  for name in benchmark.GPU_SECTIONS:  # each takes mode "gpu" itself
+    module = __import__(f"experiments.benchmarks.{name}", fromlist=["run"])
+    assert report.section_mode(module, "gpu") == "gpu"
+  _fake_section("fake_cpu_only", [dict(name="a", median_s=1.0)], monkeypatch=monkeypatch)
+  _fake_section("fake_gpu", [dict(name="b", median_s=1.0)], monkeypatch=monkeypatch)
+  sys.modules["experiments.benchmarks.fake_gpu"].MODES = ("smoke", "default", "full", "gpu")
+  built = report.build(["fake_cpu_only", "fake_gpu"], "gpu", str(tmp_path), verbose=False)
+  assert built["mode"] == "gpu"
+  assert built["sections"]["fake_cpu_only"][0]["mode"] == "default"
+  assert built["sections"]["fake_gpu"][0]["mode"] == "gpu"
+  assert "## fake_cpu_only (0 s, mode `default`)" in open(built["stem"] + ".md").read()

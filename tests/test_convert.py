@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsmamba2_jax import convert
-from bsmamba2_jax.model import BSMamba2, ModelConfig, abstract_params
+from bsmamba2_jax import convert, exports, torch_files
+from bsmamba2_jax.config import ModelConfig
+from bsmamba2_jax.errors import CheckpointError
+from bsmamba2_jax.model import BSMamba2, abstract_params
 from tests import official_reference as ref
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -28,27 +30,27 @@ def expected():
 
 
 def test_reader_returns_exactly_what_torch_wrote(expected):
-  sd = convert.read_torch_checkpoint(CKPT)
+  sd = torch_files.read_torch_checkpoint(CKPT)
   want = {k[3:]: v for k, v in expected.items() if k.startswith("sd/")}
   assert list(sd) == list(want)  # order kept (the EMA list relies on it)
   for k, v in want.items():
     assert sd[k].dtype == v.dtype and np.array_equal(sd[k], v), k
-  ema = convert.read_torch_checkpoint(CKPT, use_ema=True)
+  ema = torch_files.read_torch_checkpoint(CKPT, use_ema=True)
   assert list(ema) == [k for k in want if k.startswith("model.")]
   for k in ema:
     assert np.array_equal(ema[k], expected["ema/" + k]), k
 
 
 def test_reader_rebuilds_strided_bfloat16(expected):
-  whole = convert._load_torch_zip(CKPT)
+  whole = torch_files._load_torch_zip(CKPT)
   np.testing.assert_array_equal(np.asarray(whole["bf16_probe"], np.float32), expected["bf16_probe"])
 
 
 def test_official_file_infers_config_and_matches_reference_forward(expected):
-  with pytest.raises(convert.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"official_micro.ckpt: .*hop_length=441 with n_fft=256.*--hop_length"):
-    convert.load_torch_checkpoint(CKPT)  # the default hop does not fit its n_fft
-  config, params = convert.load_torch_checkpoint(CKPT, hop_length=64)
+    exports.load_torch_checkpoint(CKPT)  # the default hop does not fit its n_fft
+  config, params = exports.load_torch_checkpoint(CKPT, hop_length=64)
   assert (config.audio_channels, config.n_fft, config.dim, config.depth) == (2, 256, 8, 1)
   assert (config.d_state, config.expand, config.headdim, config.d_conv) == (4, 2, 8, 4)
   assert config.mask_hidden_mult == 4 and len(config.band_widths) == 23
@@ -95,7 +97,7 @@ def micro_state_dict():
 def test_missing_key_is_named(micro_state_dict):
   sd = dict(micro_state_dict)
   del sd["model.layers.0.1.backward_blocks.0.mixer.D"]
-  with pytest.raises(convert.CheckpointError) as e:
+  with pytest.raises(CheckpointError) as e:
     convert.params_from_torch_state_dict(sd)
   assert "layers.0.1.backward_blocks.0.mixer.D" in str(e.value) and "\n" not in str(e.value)
 
@@ -103,13 +105,13 @@ def test_missing_key_is_named(micro_state_dict):
 def test_wrong_shape_is_named(micro_state_dict):
   sd = dict(micro_state_dict)
   sd["model.mask_estimators.0.to_freqs.3.0.2.bias"] = np.zeros(7, np.float32)
-  with pytest.raises(convert.CheckpointError, match=r"to_freqs\.3\.0\.2\.bias \(7,\)"):
+  with pytest.raises(CheckpointError, match=r"to_freqs\.3\.0\.2\.bias \(7,\)"):
     convert.params_from_torch_state_dict(sd)
 
 
 def test_unexpected_key_is_named(micro_state_dict):
   sd = dict(micro_state_dict, **{"model.layers.0.0.extra.weight": np.zeros(3, np.float32)})
-  with pytest.raises(convert.CheckpointError, match=r"unexpected keys \['layers\.0\.0\.extra"):
+  with pytest.raises(CheckpointError, match=r"unexpected keys \['layers\.0\.0\.extra"):
     convert.params_from_torch_state_dict(sd)
 
 
@@ -119,19 +121,19 @@ def test_channels_of_a_non_power_of_two_n_fft_are_asked_for_then_used():
                               n_fft=200, hop_length=50, band_widths=(50, 51))
   params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(config))
   sd = convert.params_to_torch_state_dict(config, params)
-  with pytest.raises(convert.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match="stereo model with n_fft 200 and a mono one with n_fft 402: pass "
                            "audio_channels"):
     convert.infer_config(sd, hop_length=50)
   inferred = convert.infer_config(sd, hop_length=50, audio_channels=2)
   assert (inferred.audio_channels, inferred.n_fft, inferred.band_widths) == (2, 200, (50, 51))
-  with pytest.raises(convert.CheckpointError, match="do not fit a 2-channel model"):
+  with pytest.raises(CheckpointError, match="do not fit a 2-channel model"):
     convert.infer_config({**sd, "model.band_split.to_features.1.0.gamma": np.ones(6, np.float32)},
                          hop_length=50, audio_channels=2)
 
 
 def test_shape_inference_failure_is_named():
-  with pytest.raises(convert.CheckpointError, match="missing key 'band_split.to_features.0.0.gamma'"):
+  with pytest.raises(CheckpointError, match="missing key 'band_split.to_features.0.0.gamma'"):
     convert.params_from_torch_state_dict({"model.final_norm.gamma": np.ones(4, np.float32)})
 
 
@@ -146,12 +148,12 @@ def test_corrupted_and_foreign_files(tmp_path):
   with zipfile.ZipFile(foreign, "w") as z:
     z.writestr("readme.txt", "hello")
   for path in (garbage, legacy_foreign, truncated, foreign, tmp_path / "absent.ckpt"):
-    with pytest.raises(convert.CheckpointError) as e:
-      convert.read_torch_checkpoint(str(path))
+    with pytest.raises(CheckpointError) as e:
+      torch_files.read_torch_checkpoint(str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     assert "weights_only" not in str(e.value)  # never advice to run code from the file
-  with pytest.raises(convert.CheckpointError, match="not a PyTorch checkpoint"):
-    convert.read_torch_checkpoint(str(garbage))
+  with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+    torch_files.read_torch_checkpoint(str(garbage))
 
 
 def test_reader_never_runs_code_from_the_file(tmp_path):
@@ -164,13 +166,14 @@ def test_reader_never_runs_code_from_the_file(tmp_path):
   path = tmp_path / "evil.ckpt"
   with zipfile.ZipFile(path, "w") as z:
     z.writestr("archive/data.pkl", pickle.dumps({"state_dict": {"x": Evil()}}, protocol=2))
-  with pytest.raises(convert.CheckpointError):
-    convert.read_torch_checkpoint(str(path))
+  with pytest.raises(CheckpointError):
+    torch_files.read_torch_checkpoint(str(path))
   assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.integration
 def test_cli_converts_to_an_export_that_load_model_reads(tmp_path, expected):
-  from bsmamba2_jax.checkpoints import load_model
+  from bsmamba2_jax.exports import load_model
   out = tmp_path / "export"
   cmd = [sys.executable, "-m", "experiments.convert_torch", f"--torch_ckpt={CKPT}",
          f"--output_dir={out}", "--hop_length=64", "--use_ema"]
@@ -186,17 +189,17 @@ def test_cli_converts_to_an_export_that_load_model_reads(tmp_path, expected):
   assert again.returncode != 0 and "exists" in again.stderr  # nothing overwritten silently
   if importlib.util.find_spec("torch") is not None:  # back to a torch file, read by our reader
     back = str(tmp_path / "back.ckpt")
-    convert.export_torch_checkpoint(str(out), back)
-    round_trip = convert.read_torch_checkpoint(back)
+    exports.export_torch_checkpoint(str(out), back)
+    round_trip = torch_files.read_torch_checkpoint(back)
     ema = {k[len("ema/"):]: v for k, v in expected.items() if k.startswith("ema/")}
     assert sorted(round_trip) == sorted(ema)
     assert all(np.array_equal(round_trip[k], ema[k]) for k in ema)
-    with pytest.raises(convert.CheckpointError, match="exists"):
-      convert.export_torch_checkpoint(str(out), back)
+    with pytest.raises(CheckpointError, match="exists"):
+      exports.export_torch_checkpoint(str(out), back)
     for bad, message in ((tmp_path, "is a folder"),
                          (tmp_path / "nowhere" / "m.ckpt", "missing or not a folder")):
-      with pytest.raises(convert.CheckpointError, match=message):
-        convert.export_torch_checkpoint(str(out), str(bad), overwrite=True)
+      with pytest.raises(CheckpointError, match=message):
+        exports.export_torch_checkpoint(str(out), str(bad), overwrite=True)
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -204,14 +207,14 @@ def test_cli_converts_to_an_export_that_load_model_reads(tmp_path, expected):
 
 def _micro_tensors():
   torch = pytest.importorskip("torch")
-  sd = convert.read_torch_checkpoint(CKPT)
+  sd = torch_files.read_torch_checkpoint(CKPT)
   return torch, {k[len("model."):]: torch.from_numpy(v) for k, v in sd.items()
                  if k.startswith("model.")}
 
 
 def _assert_same_as_official(path, **kwargs):
-  _, want = convert.load_torch_checkpoint(CKPT, hop_length=64)
-  _, got = convert.load_torch_checkpoint(str(path), hop_length=64, **kwargs)
+  _, want = exports.load_torch_checkpoint(CKPT, hop_length=64)
+  _, got = exports.load_torch_checkpoint(str(path), hop_length=64, **kwargs)
   for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
     assert np.array_equal(a, b)
 
@@ -223,7 +226,7 @@ def test_zero_dim_tensors_and_extra_state_do_not_hide_the_state_dict(tmp_path):
   torch.save({"state_dict": {**{"model." + k: v for k, v in sd.items()},
                              "model_ema.n_averaged": torch.tensor(5),
                              "model.loss._extra_state": None}}, path)
-  whole = convert._load_torch_zip(str(path))
+  whole = torch_files._load_torch_zip(str(path))
   assert isinstance(whole["state_dict"]["model_ema.n_averaged"], np.ndarray)
   _assert_same_as_official(path)
 
@@ -268,15 +271,15 @@ def test_unknown_layout_names_what_it_found(tmp_path):
   torch, sd = _micro_tensors()
   path = tmp_path / "net.pt"
   torch.save({"net." + k: v for k, v in sd.items()}, path)
-  with pytest.raises(convert.CheckpointError, match=r"net\.pt: missing key .*keys begin \['net\."):
-    convert.load_torch_checkpoint(str(path), hop_length=64)
+  with pytest.raises(CheckpointError, match=r"net\.pt: missing key .*keys begin \['net\."):
+    exports.load_torch_checkpoint(str(path), hop_length=64)
 
 
 def test_folder_and_truncated_zip_are_named(tmp_path):
-  with pytest.raises(convert.CheckpointError, match="is a folder"):
-    convert.read_torch_checkpoint(str(tmp_path))
+  with pytest.raises(CheckpointError, match="is a folder"):
+    torch_files.read_torch_checkpoint(str(tmp_path))
   truncated = tmp_path / "half.ckpt"
   data = open(CKPT, "rb").read()
   truncated.write_bytes(data[:len(data) // 2])
-  with pytest.raises(convert.CheckpointError, match=r"half\.ckpt: truncated or corrupted"):
-    convert.read_torch_checkpoint(str(truncated))
+  with pytest.raises(CheckpointError, match=r"half\.ckpt: truncated or corrupted"):
+    torch_files.read_torch_checkpoint(str(truncated))

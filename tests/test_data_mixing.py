@@ -1,4 +1,5 @@
-"""Random cross-track mixing (SPEC §5): sums, gains, zeroing, mono, augmentation, validation."""
+"""Random cross-track mixing (docs/training.md §3): sums, gains, zeroing, mono, augmentation,
+validation."""
 import os
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Salient-segment rule (SPEC §5) on crafted signals, and the cached per-split index."""
+"""Salient-segment rule (docs/training.md §2) on crafted signals, and the cached index."""
 import os
 
 import numpy as np
@@ -13,7 +13,7 @@ HOP = 2205
 
 
 def reference_is_salient(window):
-  """SPEC §5 in float64 loops: window (C, SEGMENT) → bool."""
+  """docs/training.md §2 in float64 loops: window (C, SEGMENT) → bool."""
   chunk = window.shape[1] // 10
   for channel in np.asarray(window, np.float64):
     rms = sorted(np.sqrt(np.mean(channel[k * chunk:(k + 1) * chunk]**2)) for k in range(10))

@@ -1,4 +1,5 @@
-"""Synthetic multitrack generator: layout, exact mixtures, levels, determinism, caching, CLI."""
+"""Synthetic multitrack songs (`songs`) and the dataset writer (`synthetic`): layout, exact
+mixtures, levels, determinism, caching, CLI."""
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_pipeline import musdb, synthetic
+from data_pipeline import musdb, songs, synthetic
 
 SR = 44100
 
@@ -93,14 +94,14 @@ def test_formant_filter_with_a_flat_response_is_the_identity():
   x = np.random.default_rng(0).standard_normal(5000)
   frames = len(range(0, 5000 + 512, 512))
   flat = np.ones((frames, 1))
-  y = synthetic._formant_filter(x, 0 * flat, 1e12 * flat, flat)  # pylint: disable=protected-access
+  y = songs._formant_filter(x, 0 * flat, 1e12 * flat, flat)  # pylint: disable=protected-access
   np.testing.assert_allclose(y, x, atol=1e-5)
 
 
 def test_deterministic_by_seed(root, tmp_path):
   again = synthetic.generate_dataset(str(tmp_path / "again"), num_train=3, num_test=2,
                                      seconds=12, seed=3)
-  other = synthetic.synthesize_track(4, 0, 0, 12, 0.6)
+  other = songs.synthesize_track(4, 0, 0, 12, 0.6)
   for stem in musdb.STEMS:
     a = read(root, "train", "synthetic-train-001", stem)
     np.testing.assert_array_equal(a, read(again, "train", "synthetic-train-001", stem))
@@ -146,6 +147,7 @@ def test_bad_parameters(tmp_path, kwargs, message):
                                                         seed=0), **kwargs})
 
 
+@pytest.mark.integration
 def test_cli(tmp_path):
   out = tmp_path / "cli"
   subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", f"--output_dir={out}",

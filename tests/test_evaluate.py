@@ -1,4 +1,4 @@
-"""Evaluation against an independent float64 NumPy cSDR/uSDR written from SPEC §7."""
+"""Evaluation against an independent float64 NumPy cSDR/uSDR written from docs/metrics.md."""
 import csv
 import json
 import os
@@ -17,7 +17,8 @@ RATE = 44100
 
 
 def reference_csdr(refs, ests):
-  """SPEC §7 cSDR: 1-s frames, trailing part dropped, NaN frames if any signal is silent."""
+  """cSDR (docs/metrics.md §2): 1-s frames, trailing part dropped, NaN frames if a signal is
+  silent."""
   frames = refs.shape[-1] // RATE
   r = refs[..., :frames * RATE].astype(np.float64).reshape(*refs.shape[:2], frames, RATE)
   e = ests[..., :frames * RATE].astype(np.float64).reshape(*ests.shape[:2], frames, RATE)
@@ -153,11 +154,11 @@ def test_reports_are_written_and_never_overwritten(dataset, tmp_path):
 
 
 def test_output_folder_problems_fail_before_the_model_is_loaded(dataset, tmp_path, monkeypatch):
-  from bsmamba2_jax import checkpoints
+  from bsmamba2_jax import exports
 
   def not_yet(*args, **kwargs):
     raise AssertionError("the model was loaded before the output folder was checked")
-  monkeypatch.setattr(checkpoints, "load_model", not_yet)
+  monkeypatch.setattr(exports, "load_model", not_yet)
   with pytest.raises(ValueError, match="lies inside the dataset's .*test"):
     evaluation.run("unused", dataset, "test", os.path.join(dataset, "test", "eval"))
   blocker = tmp_path / "afile"
@@ -171,8 +172,9 @@ def export(tmp_path_factory):
   """A one-layer tiny model with random parameters, exported (no slow init)."""
   import jax
 
-  from bsmamba2_jax.checkpoints import save_inference
-  from bsmamba2_jax.model import ModelConfig, abstract_params
+  from bsmamba2_jax.config import ModelConfig
+  from bsmamba2_jax.exports import save_inference
+  from bsmamba2_jax.model import abstract_params
   config = ModelConfig.preset("tiny", depth=1)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
@@ -180,6 +182,7 @@ def export(tmp_path_factory):
   return save_inference(str(tmp_path_factory.mktemp("model") / "export"), config, params)
 
 
+@pytest.mark.integration
 def test_run_on_generated_data(dataset, export, tmp_path):
   results, study, paths = evaluation.run(export, dataset, "test", str(tmp_path / "eval"),
                                          segment=1.0, segments=[1.0], progress=False)
@@ -191,6 +194,7 @@ def test_run_on_generated_data(dataset, export, tmp_path):
     evaluation.run(export, dataset, "test", str(tmp_path / "eval"))
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_cli_on_generated_data(dataset, export, tmp_path):
   out = tmp_path / "eval"

@@ -1,4 +1,4 @@
-"""Losses against a float64 NumPy computation of SPEC §5."""
+"""Losses against a float64 NumPy computation of docs/training.md §4."""
 
 import jax
 import jax.numpy as jnp

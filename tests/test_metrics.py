@@ -1,4 +1,4 @@
-"""uSDR / cSDR against the SPEC §7 formulas on crafted signals (and museval)."""
+"""uSDR / cSDR against the docs/metrics.md formulas on crafted signals (and museval)."""
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ def _usdr_formula(s, s_hat, eps=1e-7):
 
 
 def _frame_sdr_formula(refs, ests, sr):
-  """Loops over whole seconds; SPEC §7 silent rule; (S, frames)."""
+  """Loops over whole seconds; the silent rule of docs/metrics.md §2; (S, frames)."""
   n_frames = refs.shape[-1] // sr
   out = np.full((refs.shape[0], n_frames), np.nan)
   for t in range(n_frames):

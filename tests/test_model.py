@@ -6,8 +6,8 @@ import pytest
 
 from bsmamba2_jax import convert
 from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT
-from bsmamba2_jax.model import (PAPER_BAND_WIDTHS, BSMamba2, ModelConfig, default_band_widths,
-                                features_to_spectrum, init_params, spectrum_to_features)
+from bsmamba2_jax.config import ModelConfig
+from bsmamba2_jax.model import BSMamba2, features_to_spectrum, init_params, spectrum_to_features
 from tests import official_reference as ref
 
 MICRO = dict(dim=16, depth=1, d_state=8, expand=2, headdim=8, chunk_size=16)
@@ -35,31 +35,6 @@ def test_paper_parameter_budget_matches_spec():
   assert count(params["layers_0"]["time"]) == 1_858_912
   assert count(params["layers_3"]["band"]["backward"]["mixer"]) == 863_536
   assert sum(count(params[f"layers_{i}"]) for i in range(6)) == 22_306_944
-
-
-def test_band_widths():
-  assert default_band_widths(2048) == PAPER_BAND_WIDTHS
-  assert len(PAPER_BAND_WIDTHS) == 62 and sum(PAPER_BAND_WIDTHS) == 1025
-  for n_fft in (256, 512, 1024, 4096):
-    widths = default_band_widths(n_fft)
-    assert sum(widths) == n_fft // 2 + 1 and min(widths) >= 1
-  with pytest.raises(ValueError, match="band_widths sum"):
-    ModelConfig(band_widths=(1, 2, 3))
-  with pytest.raises(ValueError, match=r"hop_length must be in \[1, n_fft // 2\].* "
-                                       "hop_length=441 with n_fft=256"):
-    ModelConfig.preset("tiny", n_fft=256)  # hop 441 >= n_fft: the iSTFT would divide by ~0
-  with pytest.raises(ValueError, match="hop_length=200 with n_fft=256"):
-    ModelConfig(n_fft=256, hop_length=200, band_widths=(129,))  # the end would stay uncovered
-  ModelConfig(n_fft=256, hop_length=128, band_widths=(129,))
-
-
-def test_config_round_trip_and_presets():
-  for name in ("paper", "small", "tiny"):
-    cfg = ModelConfig.preset(name)
-    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-  assert ModelConfig.preset("tiny", n_fft=1024).band_widths == default_band_widths(1024)
-  with pytest.raises(ValueError, match="unknown preset"):
-    ModelConfig.preset("huge")
 
 
 def test_feature_order_is_frequency_major_channels_then_re_im():

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from experiments import quickstart
+from bsmamba2_jax import quickstart
 from experiments.configs import quickstart as quickstart_config
+
+pytestmark = pytest.mark.integration  # the whole pipeline, end to end
 
 
 def microscopic_config():
   config = quickstart_config.get_config()
-  config.model.overrides.update(dict(dim=8, depth=1, d_state=4, expand=2, headdim=8,
-                                     n_fft=256, hop_length=64))
+  config.model.update(dict(dim=8, depth=1, d_state=4, expand=2, headdim=8, n_fft=256,
+                           hop_length=64))
   config.data.synthetic.update(dict(num_train=2, num_test=2, seconds=2.0))
   config.data.segment_seconds = config.eval.segment_seconds = 0.5
   config.train.num_steps = 4
@@ -26,7 +28,7 @@ def microscopic_config():
 
 
 def usdr_float64(reference, estimate):
-  """SPEC §7 uSDR of one track, float64."""
+  """uSDR of one track (docs/metrics.md §1), float64."""
   s, e = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
   return 10 * np.log10((np.sum(s**2) + 1e-7) / (np.sum((s - e)**2) + 1e-7))
 

@@ -1,4 +1,4 @@
-"""Chunking, crossfade, resampling and file handling of `bsmamba2_jax.separation`.
+"""Chunking, crossfade, resampling (`separator`) and file handling (`separate`, `audio_io`).
 
 References are written here in float64 NumPy (official non-overlapping chunking, a direct
 overlap-add with the documented window) or come from soxr's one-shot resampler.
@@ -11,8 +11,10 @@ import pytest
 import soundfile as sf
 import soxr
 
-from bsmamba2_jax import separation
-from bsmamba2_jax.separation import Separator
+from bsmamba2_jax import separate, separator
+from bsmamba2_jax.audio_io import paths, reader as audio_reader
+from bsmamba2_jax.errors import InputError
+from bsmamba2_jax.separator import Separator
 
 RATE = 44100
 
@@ -71,14 +73,14 @@ class Recorder:
 
 def test_crossfade_weights_sum_to_one():
   segment, overlap = 1000, 250
-  w = separation.crossfade_window(segment, overlap)
+  w = separator.crossfade_window(segment, overlap)
   hop = segment - overlap
   total = np.zeros(hop * 5 + segment)
   for k in range(6):
     total[k * hop:k * hop + segment] += w
   np.testing.assert_allclose(total[overlap:-overlap], 1.0, atol=1e-12)
   assert w.min() > 0 and w.max() == 1.0
-  np.testing.assert_array_equal(separation.crossfade_window(segment, 0), np.ones(segment))
+  np.testing.assert_array_equal(separator.crossfade_window(segment, 0), np.ones(segment))
 
 
 @pytest.mark.parametrize("n", [1, 4410, 8820, 8821, 30001])
@@ -211,7 +213,7 @@ def write(path, x, rate, subtype="FLOAT"):
 
 def run_files(tmp_path, inputs, separator=None, **kwargs):
   separator = separator or Separator(Recorder(), segment=0.2, overlap=0.25, batch_size=2)
-  return separation.separate_files(inputs, separator=separator,
+  return separate.separate_files(inputs, separator=separator,
                                    output_dir=str(tmp_path / "out"), progress=False, **kwargs)
 
 
@@ -245,7 +247,7 @@ def test_relative_output_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
   previous = signal.signal(signal.SIGALRM, hung)
   signal.alarm(120)
   try:
-    [result] = separation.separate_files(
+    [result] = separate.separate_files(
         [os.path.join("in", "song.wav")], separator=Separator(Recorder(), segment=0.05),
         output_dir=os.path.join("separated", "run1"), progress=False)
   finally:
@@ -317,7 +319,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
 
 def test_truncated_wav_is_separated_with_a_warning(tmp_path, caplog):
   path = write(str(tmp_path / "in" / "cut.wav"), noise(2, 9000), RATE, subtype="PCM_16")
-  assert separation.wav_header_frames(path) == 9000
+  assert audio_reader.wav_header_frames(path) == 9000
   data = open(path, "rb").read()
   with open(path, "wb") as f:  # a download that stopped half way
     f.write(data[:len(data) // 2])
@@ -327,7 +329,7 @@ def test_truncated_wav_is_separated_with_a_warning(tmp_path, caplog):
   assert f"{path}: truncated file? its header promises 9000 frames, {present} are there" in (
       caplog.text)
   flac = write(str(tmp_path / "in" / "song.flac"), noise(2, 100), RATE, subtype="PCM_16")
-  assert separation.wav_header_frames(flac) is None
+  assert audio_reader.wav_header_frames(flac) is None
 
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
@@ -341,7 +343,7 @@ def test_wav_whose_streaming_writer_left_the_data_size_at_zero_is_read_whole(
   with open(path, "wb") as f:
     f.write(data)
   assert sf.info(path).frames == 0  # what libsndfile makes of it
-  reader = separation._Reader(path)
+  reader = audio_reader.AudioReader(path)
   read = np.concatenate(list(reader.blocks(4000)), axis=1)
   reader.close()
   assert reader._raw.closed  # the file under the SoundFile too
@@ -354,8 +356,8 @@ def test_wav_whose_streaming_writer_left_the_data_size_at_zero_is_read_whole(
   header_only = str(tmp_path / "in" / "nothing.wav")
   with open(header_only, "wb") as f:  # the same header with no samples after it
     f.write(data[:size_at + 4])
-  with pytest.raises(separation.InputError, match="empty \\(no samples\\)"):
-    separation._Reader(header_only)
+  with pytest.raises(InputError, match="empty \\(no samples\\)"):
+    audio_reader.AudioReader(header_only)
 
 
 @pytest.mark.parametrize("fmt,message", [
@@ -381,10 +383,10 @@ def test_truncated_compressed_file_is_separated_as_far_as_it_decodes(tmp_path, c
     MemoryError(), RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                                 "12.5GiB.\nBuffer assignment details...")])
 def test_out_of_memory_is_one_line_with_the_remedy(tmp_path, error):
-  def separate_batch(chunks):
+  def model_fn(chunks):
     raise error
   path = write(str(tmp_path / "in" / "song.wav"), noise(2, 9000), RATE)
-  [result] = run_files(tmp_path, [path], separator=Separator(separate_batch, segment=0.1))
+  [result] = run_files(tmp_path, [path], separator=Separator(model_fn, segment=0.1))
   assert result.error == f"{path}: out of memory (lower --batch_size or --segment)"
   assert not os.path.exists(tmp_path / "out" / "song")
 
@@ -413,10 +415,10 @@ def test_second_run_skips_the_output_folder(tmp_path):
   write(str(tmp_path / "music" / "song.wav"), noise(2, 9000), RATE)
   out = str(tmp_path / "music" / "separated")
   separator = Separator(Recorder(), segment=0.2)
-  [first] = separation.separate_files([str(tmp_path / "music")], separator=separator,
+  [first] = separate.separate_files([str(tmp_path / "music")], separator=separator,
                                       output_dir=out, progress=False)
   assert first.error is None
-  results = separation.separate_files([str(tmp_path / "music"), str(tmp_path / "music" / "*")],
+  results = separate.separate_files([str(tmp_path / "music"), str(tmp_path / "music" / "*")],
                                       separator=separator, output_dir=out, progress=False)
   assert [r.path for r in results] == [str(tmp_path / "music" / "song.wav")]
   assert "exists; pass --overwrite" in results[0].error
@@ -479,11 +481,12 @@ def test_inputs_are_found_once_and_globs_search_folders(tmp_path):
   open(tmp_path / "in" / "cover.jpg", "w").close()
   spelled = os.path.join(str(tmp_path), "in", "one", "..", "one", "song.wav")
   os.symlink(path, tmp_path / "link.wav")
-  paths, missing = separation.find_inputs(
+  found, missing = paths.find_inputs(
       [path, spelled, str(tmp_path / "link.wav"), str(tmp_path / "in" / "*")])
-  assert sorted(os.path.basename(p) for p in paths) == ["other.flac", "song.wav"] and not missing
-  _, [failure] = separation.find_inputs([str(tmp_path / "in" / "*.jpg")])
-  assert "matches no audio files" in failure.error
+  assert sorted(os.path.basename(p) for p in found) == ["other.flac", "song.wav"] and not missing
+  _, missing = paths.find_inputs([str(tmp_path / "in" / "*.jpg")])
+  [failure] = missing.values()
+  assert "matches no audio files" in failure
 
 
 def test_folder_search_follows_symlinked_folders_once_and_names_nesting(tmp_path):
@@ -491,12 +494,12 @@ def test_folder_search_follows_symlinked_folders_once_and_names_nesting(tmp_path
   write(str(tmp_path / "albums" / "a.wav"), noise(2, 9000), RATE)
   os.symlink(tmp_path / "elsewhere" / "x", tmp_path / "albums" / "linked")
   os.symlink(tmp_path / "albums", tmp_path / "albums" / "loop")  # a cycle is entered once
-  paths, missing = separation.find_inputs([str(tmp_path / "albums")])
-  assert sorted(os.path.basename(p) for p in paths) == ["a.wav", "b.wav"] and not missing
+  found, missing = paths.find_inputs([str(tmp_path / "albums")])
+  assert sorted(os.path.basename(p) for p in found) == ["a.wav", "b.wav"] and not missing
   write(str(tmp_path / "io" / "out" / "c.wav"), noise(2, 9000), RATE)
-  _, [failure] = separation.find_inputs([str(tmp_path / "io" / "out")],
-                                        exclude=str(tmp_path / "io"))
-  assert "lies inside the output folder" in failure.error
+  _, missing = paths.find_inputs([str(tmp_path / "io" / "out")], exclude=str(tmp_path / "io"))
+  [failure] = missing.values()
+  assert "lies inside the output folder" in failure
 
 
 def test_names_that_are_not_utf8_are_read_and_written(tmp_path):
@@ -523,6 +526,7 @@ def test_write_errors_name_the_output(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal closed
 def test_cli_cleans_up_on_sigterm(tmp_path, signame):
   import subprocess
@@ -531,7 +535,7 @@ def test_cli_cleans_up_on_sigterm(tmp_path, signame):
   path = write(str(tmp_path / "song.wav"), noise(2, 40000), RATE)
   child = f"""
 import os, signal, sys
-from bsmamba2_jax import separation
+from bsmamba2_jax import separator
 from experiments import separate
 calls = []
 def terminated_on_second_call(chunks):
@@ -539,7 +543,7 @@ def terminated_on_second_call(chunks):
   if len(calls) == 2:
     os.kill(os.getpid(), signal.{signame})
   return chunks
-separation.Separator.from_checkpoint = classmethod(
+separator.Separator.from_checkpoint = classmethod(
     lambda cls, path, **kw: cls(terminated_on_second_call, **kw))
 sys.argv = ["separate", "--checkpoint=unused", "--input={path}", "--output_dir={tmp_path}/out",
             "--segment=0.1", "--overlap=0", "--noprogress"]
@@ -626,13 +630,14 @@ def test_model_segment_must_hold_one_stft_window(tiny_model):
   assert not Separator.from_model(model, params, segment=shortest).fixed_batch  # jit: any batch
 
 
+@pytest.mark.integration
 def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
   import subprocess
   import sys
 
-  from bsmamba2_jax import checkpoints
+  from bsmamba2_jax import exports
   model, params = tiny_model
-  export = checkpoints.save_inference(str(tmp_path / "export"), model.config, params)
+  export = exports.save_inference(str(tmp_path / "export"), model.config, params)
   x = noise(2, 6000, seed=6)
   good = write(str(tmp_path / "in" / "good.wav"), x, RATE)
   bad = str(tmp_path / "in" / "bad.wav")
@@ -665,7 +670,8 @@ def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
 _RSS_CHILD = """
 import resource, sys
 import numpy as np, soundfile as sf
-from bsmamba2_jax.separation import Separator, separate_files
+from bsmamba2_jax.separate import separate_files
+from bsmamba2_jax.separator import Separator
 path, out_dir, model = sys.argv[1:4]
 if model == "identity":
   separator = Separator(lambda c: c, segment=8.0, overlap=0.25, batch_size=2)
@@ -703,6 +709,7 @@ def _peak_rss_mib(tmp_path, seconds, rate, model):
   return int(proc.stdout.split()[-1]) / 1024
 
 
+@pytest.mark.integration
 def test_peak_memory_does_not_grow_with_length(tmp_path):
   # 600 s of 48 kHz stereo is 220 MiB as float32 samples; streaming keeps only a few chunks.
   short = _peak_rss_mib(tmp_path, 60, 48000, "identity")
@@ -711,6 +718,7 @@ def test_peak_memory_does_not_grow_with_length(tmp_path):
   assert long - short < 20
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_peak_memory_tiny_model_long_file(tmp_path):
   short = _peak_rss_mib(tmp_path, 60, 44100, "tiny")

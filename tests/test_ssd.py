@@ -1,10 +1,10 @@
-"""ssd_scan against an independent float64 NumPy recurrence (SPEC §3 step 4)."""
+"""ssd_scan against an independent float64 NumPy recurrence (docs/model.md §5)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsmamba2_jax import ssd
+from bsmamba2_jax import ssd_chunked
 from bsmamba2_jax.ssd import METHODS, ssd_scan
 
 CHUNK = 16
@@ -72,11 +72,11 @@ def test_every_method_equals_float64_reference(seqlen, ngroups):
 
 
 def test_chunks_are_balanced_to_keep_padding_small():
-  assert ssd._chunk_length(101, 64) == 56   # 2 chunks, 11 padded steps instead of 27
-  assert ssd._chunk_length(801, 64) == 64   # 13 chunks either way
-  assert ssd._chunk_length(62, 64) == 62    # one chunk, no padding
-  assert ssd._chunk_length(37, 30) == 24    # 2 chunks of at most 30
-  assert ssd._chunk_length(1, 16) == 1
+  assert ssd_chunked._chunk_length(101, 64) == 56   # 2 chunks, 11 padded steps instead of 27
+  assert ssd_chunked._chunk_length(801, 64) == 64   # 13 chunks either way
+  assert ssd_chunked._chunk_length(62, 64) == 62    # one chunk, no padding
+  assert ssd_chunked._chunk_length(37, 30) == 24    # 2 chunks of at most 30
+  assert ssd_chunked._chunk_length(1, 16) == 1
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 30, 64])
@@ -166,14 +166,14 @@ def test_long_batches_go_through_in_blocks_with_the_same_values_and_gradients(mo
   """Batch 5 of 300 steps: the chunked method maps over blocks of 3 sequences, the last one
   padded with a zero sequence."""
   state_size = NHEADS * HEADDIM * D_STATE
-  monkeypatch.setattr(ssd, "UNBLOCKED_STATE_BYTES", 4 * 19 * state_size * 4)  # 19 chunks each
-  monkeypatch.setattr(ssd, "BLOCK_STATE_BYTES", 3 * 19 * state_size * 4)
-  assert ssd._sequences_per_block(4, 300, CHUNK, state_size, "cpu") == 4
-  assert ssd._sequences_per_block(5, 300, CHUNK, state_size, "cpu") == 3
-  assert ssd._sequences_per_block(5, CHUNK, CHUNK, state_size, "cpu") == 5
+  monkeypatch.setattr(ssd_chunked, "UNBLOCKED_STATE_BYTES", 4 * 19 * state_size * 4)  # 19 chunks
+  monkeypatch.setattr(ssd_chunked, "BLOCK_STATE_BYTES", 3 * 19 * state_size * 4)
+  assert ssd_chunked.sequences_per_block(4, 300, CHUNK, state_size, "cpu") == 4
+  assert ssd_chunked.sequences_per_block(5, 300, CHUNK, state_size, "cpu") == 3
+  assert ssd_chunked.sequences_per_block(5, CHUNK, CHUNK, state_size, "cpu") == 5
   # Blocks fit a CPU's cache; an accelerator runs the whole batch at once.
   for platform in ("gpu", "cuda", "tpu"):
-    assert ssd._sequences_per_block(5, 300, CHUNK, state_size, platform) == 5
+    assert ssd_chunked.sequences_per_block(5, 300, CHUNK, state_size, platform) == 5
   jax.clear_caches()
   rng = np.random.default_rng(5)
   x, dt, A, B, C, D, state = (np.concatenate([v, v, v[:1]]) if v.ndim > 1 else v

@@ -60,19 +60,22 @@ def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
                        sys_s=(after.system - before.system) / len(times), **fields))
 
 
-def matmul_gflops(n: int | None = None, repeats: int = 20) -> dict:
-  """Achieved fp32 GFLOP/s of a jitted n×n matmul: the machine's reference rate.
+def matmul_gflops(n: int | None = None, repeats: int = 20, dtype: str = "float32") -> dict:
+  """Achieved GFLOP/s of a jitted n×n matmul in `dtype` ("float32" or "bfloat16"), at JAX's
+  default matmul precision (TF32 for fp32 on NVIDIA GPUs): the machine's reference rate.
 
-  n None: 2048 on CPU, 8192 on an accelerator (a 2048² product takes 0.2 ms on an H200 and
-  reaches a quarter of the rate 8192² does there: `benchmarks/results/2026-11-26-h200-2.md`).
+  n None: 2048 on CPU, 8192 on an accelerator (a 2048² product is too short there to reach the
+  card's rate; docs/performance.md).
   """
   if n is None:
     n = 2048 if jax.default_backend() == "cpu" else 8192
+  short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(key_a, (n, n), jax.numpy.float32)
-  b = jax.random.normal(key_b, (n, n), jax.numpy.float32)
+  a = jax.random.normal(key_a, (n, n), dtype)
+  b = jax.random.normal(key_b, (n, n), dtype)
   f = jax.jit(lambda a, b: a @ b)
-  row = timed(f"matmul fp32 {n}x{n}", lambda: f(a, b), repeats=repeats, warmup=2)
+  row = timed(f"matmul {short} {n}x{n}", lambda: f(a, b), repeats=repeats, warmup=2,
+              dtype=dtype)
   row["n"] = n
   row["gflops"] = 2 * n**3 / row["median_s"] / 1e9
   return row

@@ -10,7 +10,8 @@ import time
 
 import jax
 
-from bsmamba2_jax.model import BSMamba2, ModelConfig, init_params
+from bsmamba2_jax.config import ModelConfig
+from bsmamba2_jax.model import BSMamba2, init_params
 from experiments.benchmarks.common import format_table, timed
 
 CASES = {

@@ -19,7 +19,7 @@ d_inner E = expand·D, H heads of headdim P, G groups, d_state N, chunk Q:
                    chunk's end state feeds nothing
   STFT / iSTFT    ~5·n_fft·log2(n_fft) per frame and channel: < 0.01 % of the total, not counted.
 
-The paper preset on 8 s stereo gives 3.21 TFLOP (SPEC §9 quotes ~3.1). A training step is
+The paper preset on 8 s stereo gives 3.21 TFLOP (docs/model.md §7 quotes ~3.1). A training step is
 counted as 3 × forward (the backward of a matmul costs two matmuls); the loss (5 STFT pairs)
 and the AdamW update are small and not counted. Each analytic figure is reported next to XLA's
 own count, `jax.jit(f).lower(...).compile().cost_analysis()["flops"]`, which includes
@@ -37,7 +37,8 @@ import numpy as np
 import optax
 
 from bsmamba2_jax.losses import get_loss
-from bsmamba2_jax.model import BSMamba2, ModelConfig, init_params
+from bsmamba2_jax.config import ModelConfig
+from bsmamba2_jax.model import BSMamba2, init_params
 from experiments.benchmarks import common, scaling
 
 # Mode -> (preset, audio seconds, what, remat, steps per call) cases and the caps of

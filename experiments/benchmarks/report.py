@@ -2,7 +2,9 @@
 
 A section is a module `experiments.benchmarks.<name>` with `run() -> (rows, markdown)`, or
 `run(mode) -> (rows, markdown)` when it has sizes per mode ("smoke": microscopic shapes for
-tests, "default": fits ~10 minutes on the 2-core CPU, "full": paper sizes). A section that
+tests, "default": fits ~10 minutes on the 2-core CPU, "full": paper sizes, "gpu": the sizes of
+one lent accelerator, ~10 minutes on an H100). Mode "gpu" reaches only the sections that list it
+in their `MODES`; any other section runs in "default" there (`section_mode`). A section that
 raises (or is missing) is recorded with its error and the report goes on.
 
 Files, never overwriting an earlier report of the same day: `<dir>/<date>-<host>[-k].json`
@@ -25,7 +27,7 @@ from typing import Any
 
 from experiments.benchmarks import common
 
-MODES = ("smoke", "default", "full")
+MODES = ("smoke", "default", "full", "gpu")
 
 # (name, required ratio, how it is read from the rows); see `targets`.
 TARGETS = (("chunked fwd+bwd vs JAX sequential fwd+bwd (8 s time path)", 10.0),
@@ -33,20 +35,31 @@ TARGETS = (("chunked fwd+bwd vs JAX sequential fwd+bwd (8 s time path)", 10.0),
            ("paper training step, fraction of the fp32 matmul rate", 0.40))
 
 
+def section_mode(module: Any, mode: str) -> str:
+  """The mode `module` runs in under the report's `mode`: "gpu" only where the section lists it
+  in its `MODES`, else "default"; every other mode as it is."""
+  if mode == "gpu" and "gpu" not in getattr(module, "MODES", ()):
+    return "default"
+  return mode
+
+
 def run_section(name: str, mode: str) -> dict:
-  """{"rows", "text", "wall_s", "error"} of one section; errors are caught and recorded."""
+  """{"rows", "text", "wall_s", "error", "mode"} of one section; errors are caught and
+  recorded. `mode`: the mode the section ran in (`section_mode`)."""
   start = time.perf_counter()
+  used = mode
   try:
     module = importlib.import_module(f"experiments.benchmarks.{name}")
+    used = section_mode(module, mode)
     if "mode" in inspect.signature(module.run).parameters:
-      rows, text = module.run(mode=mode)
+      rows, text = module.run(mode=used)
     else:
       rows, text = module.run()
     error = None
   except Exception as e:  # pylint: disable=broad-except  (a failing section must not stop it)
     rows, text = [], ""
     error = dict(message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-  return dict(rows=rows, text=text, wall_s=time.perf_counter() - start, error=error)
+  return dict(rows=rows, text=text, wall_s=time.perf_counter() - start, error=error, mode=used)
 
 
 def _find(rows: list[dict], **match: Any) -> dict | None:
@@ -232,7 +245,9 @@ def markdown(report: dict) -> str:
            common.format_table(report["targets"], ["target", "required", "measured", "holds",
                                                    "margin", "setting"])]
   for name, section in report["section_info"].items():
-    lines += ["", f"## {name} ({section['wall_s']:.0f} s)", ""]
+    used = section.get("mode", report["mode"])
+    lines += ["", f"## {name} ({section['wall_s']:.0f} s"
+              + ("" if used == report["mode"] else f", mode `{used}`") + ")", ""]
     if section["error"]:
       lines.append(f"**failed**: `{section['error']['message']}` (traceback in the JSON)")
     else:

@@ -54,7 +54,7 @@ def scan_inputs(sequences: int, seqlen: int, heads: int, headdim: int, d_state: 
   """(x, dt, A, B, C, D, w) float32 NumPy arrays shaped as `ssd_scan` takes them, w like y
   (the objective's weights; left out with weights=False).
 
-  dt follows the Mamba2 init range exp(U(ln 1e-3, ln 0.1)) and A = -U(1, 16) (SPEC §3).
+  dt follows the Mamba2 init range exp(U(ln 1e-3, ln 0.1)) and A = -U(1, 16) (docs/model.md §4).
   """
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)

@@ -4,7 +4,9 @@ The whole `Separator.separate` path (8-s chunks, overlap 0.25, batch 1) on 60 s 
 noise at 44.1 kHz; one untimed call compiles first. Paper-size CPU runs are slow, so on CPU
 `paper` is measured on PAPER_SECONDS and scaled to 60 s by the number of chunks (the cost is
 linear in it); the row says which duration was measured. On an accelerator `paper` runs the
-full 60 s, in fp32 and in bf16.
+full 60 s, in fp32 and in bf16, and the bf16 row gives how far its vocals land from fp32's
+(`sdr_vs_fp32_db` = 20·log10(‖fp32‖ / ‖bf16 − fp32‖), same input and weights). The sizes follow
+the backend in every mode ("gpu" included).
 """
 from __future__ import annotations
 
@@ -35,9 +37,15 @@ def _random_params(config, seed=0):
       abstract_params(config))
 
 
-def _row(preset: str, seconds: float, dtype: str = "float32", repeats: int = 1) -> dict:
-  from bsmamba2_jax.model import BSMamba2, ModelConfig
-  from bsmamba2_jax.separation import Separator
+MODES = ("smoke", "default", "full", "gpu")
+
+
+def _row(preset: str, seconds: float, dtype: str = "float32", repeats: int = 1,
+         outputs: dict | None = None) -> dict:
+  """One timed separation; the vocals of the last call go to `outputs[dtype]` if given."""
+  from bsmamba2_jax.config import ModelConfig
+  from bsmamba2_jax.model import BSMamba2
+  from bsmamba2_jax.separator import Separator
 
   config = ModelConfig.preset(preset, dtype=dtype)
   separator = Separator.from_model(BSMamba2(config), _random_params(config), segment=SEGMENT,
@@ -47,9 +55,16 @@ def _row(preset: str, seconds: float, dtype: str = "float32", repeats: int = 1) 
   start = time.perf_counter()
   separator.separate(audio[:, :separator.segment_samples], 44100)  # compile
   compile_s = time.perf_counter() - start
-  row = common.timed(f"separate {preset} {dtype}", lambda: separator.separate(audio, 44100),
-                     repeats=repeats, warmup=0, preset=preset, dtype=dtype,
-                     measured_audio_s=seconds)
+  last = {}
+
+  def separate():
+    last["stems"] = separator.separate(audio, 44100)
+    return last["stems"]
+
+  row = common.timed(f"separate {preset} {dtype}", separate, repeats=repeats, warmup=0,
+                     preset=preset, dtype=dtype, measured_audio_s=seconds)
+  if outputs is not None:
+    outputs[dtype] = np.asarray(last["stems"]["vocals"], np.float64)
   wall_60 = row["median_s"] * _chunks(SECONDS) / _chunks(seconds)
   row.update(audio_s=SECONDS, wall_s_for_60s=wall_60, realtime_factor=SECONDS / wall_60,
              wall_per_audio=wall_60 / SECONDS, compile_s=compile_s,
@@ -57,20 +72,35 @@ def _row(preset: str, seconds: float, dtype: str = "float32", repeats: int = 1) 
   return row
 
 
-def run() -> tuple[list[dict], str]:
+def compare(row: dict, estimate: np.ndarray, reference: np.ndarray) -> dict:
+  """`row` with the relative error and SDR of `estimate` against `reference`, and finiteness."""
+  error = float(np.linalg.norm(estimate - reference) / np.linalg.norm(reference))
+  row.update(rel_err_vs_fp32=error, sdr_vs_fp32_db=float(-20 * np.log10(error)) if error else None,
+             finite=bool(np.isfinite(estimate).all()))
+  return row
+
+
+def run(mode: str = "default") -> tuple[list[dict], str]:
   import jax
 
+  if mode not in MODES:
+    raise ValueError(f"separate: unknown mode {mode!r}; choose from {MODES}")
   if jax.default_backend() == "cpu":
     rows = [_row("tiny", SECONDS), _row("paper", PAPER_SECONDS)]
   else:
-    rows = [_row("tiny", SECONDS, repeats=3), _row("paper", SECONDS, repeats=3),
-            _row("paper", SECONDS, "bfloat16", repeats=3)]
+    outputs = {}
+    rows = [_row("tiny", SECONDS, repeats=3),
+            _row("paper", SECONDS, repeats=3, outputs=outputs),
+            _row("paper", SECONDS, "bfloat16", repeats=3, outputs=outputs)]
+    common.progress(compare(rows[2], outputs["bfloat16"], outputs["float32"]))
   text = common.format_table(rows, ["name", "measured_audio_s", "wall_s_for_60s",
                                     "realtime_factor", "wall_per_audio", "compile_s",
-                                    "extrapolated"])
+                                    "extrapolated", "sdr_vs_fp32_db", "finite"])
   text += (f"\n\nrealtime_factor = audio seconds / wall seconds (> 1 is faster than real "
            f"time); median of {len(rows[0]['repeats'])}; {SEGMENT:g}-s chunks, overlap {OVERLAP}, "
            f"batch 1, stereo 44.1 kHz. "
            f"`paper` measured on {rows[1]['measured_audio_s']:g} s"
-           + (f" and scaled to {SECONDS:g} s." if rows[1]["extrapolated"] else "."))
+           + (f" and scaled to {SECONDS:g} s." if rows[1]["extrapolated"] else ".")
+           + (" sdr_vs_fp32_db: the bf16 vocals against the fp32 ones (same input and weights)."
+              if len(rows) > 2 else ""))
   return rows, text

@@ -9,7 +9,7 @@ much it needs. The `limit` section times the paper training step on 1 s in the d
 FLOPs per step: `cost_analysis` of the compiled step (XLA's count; scans count one iteration)
 and the analytic forward count of `limit.model_flops` × 3 (forward + backward). A case runs in
 its own precision where it names one (the default mode's `small` runs in both, which is what
-`config.precision="auto"` rests on); otherwise fp32 on CPU and the config's elsewhere.
+`config.model.dtype="auto"` rests on); otherwise fp32 on CPU and the config's elsewhere.
 """
 from __future__ import annotations
 
@@ -38,36 +38,37 @@ def experiment_config(name: str, batch: int, seconds: float, mono: bool, smoke: 
   config = importlib.import_module(f"experiments.configs.{name}").get_config()
   config.train.per_device_batch_size = batch
   config.data.segment_seconds = seconds
-  config.data.mono = mono
+  config.model.audio_channels = 1 if mono else 2
   config.data.dir = "unused"
   if precision is not None:
-    config.precision = precision
+    config.model.dtype = precision
   elif jax.default_backend() == "cpu":
-    config.precision = "float32"
+    config.model.dtype = "float32"
   if smoke:
-    config.model.overrides.update(SMOKE_OVERRIDES)
+    config.model.update(SMOKE_OVERRIDES)
   return config
 
 
 def case_row(name: str, batch: int, seconds: float, mono: bool, repeats: int,
              precision: str | None, smoke: bool, reference_gflops: float) -> dict:
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from bsmamba2_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from data_pipeline.pipeline import segment_samples  # pylint: disable=g-import-not-at-top
   config = experiment_config(name, batch, seconds, mono, smoke, precision)
-  experiment = train.Experiment(config)
+  experiment = loop.Experiment(config)
   cfg = experiment.model_config
   devices = jax.local_device_count()
-  samples = train.segment_samples(seconds, cfg.sample_rate)
+  samples = segment_samples(seconds)
   rng = np.random.default_rng(0)
   shape = (devices, batch, cfg.audio_channels, samples)
   mixture = (0.1 * rng.standard_normal(shape)).astype(np.float32)
   data = dict(mixture=mixture, vocals=(0.5 * mixture).astype(np.float32))
-  state = [train.replicate(experiment.init_state(), devices)]
+  state = [loop.replicate(experiment.init_state(), devices)]
 
   compiled = experiment.train_step.lower(state[0], data).compile()
   stats = scaling.compile_stats(compiled)  # one device's program
   label = f"train step {name}" + (f" {precision}" if precision else "")
   fields = dict(preset=name, batch=batch * devices, seconds=seconds, channels=cfg.audio_channels,
-                precision=config.precision, loss=config.train.loss,
+                precision=cfg.dtype, loss=config.train.loss,
                 analytic_gflop=3 * limit.model_flops(cfg, batch, samples)["total"] / 1e9,
                 xla_gflop=(stats["xla_flops"] or float("nan")) / 1e9,
                 peak_gb=None if stats["peak_bytes"] is None else stats["peak_bytes"] / 1e9)

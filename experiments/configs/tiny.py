@@ -8,11 +8,12 @@ from experiments.configs import paper
 def get_config() -> ml_collections.ConfigDict:
   config = paper.get_config()
   config.model.preset = "tiny"
-  config.model.overrides.remat = None  # the preset's (off): small activations
+  config.model.remat = None  # the preset's (off): small activations
+  config.model.audio_channels = 1  # mono
+  config.model.dtype = "float32"
   config.data.dir = "data/synthetic"
   config.data.synthetic.generate = True
   config.data.segment_seconds = 1.0
-  config.data.mono = True
   config.train.num_steps = 300
   config.train.per_device_batch_size = 4
   config.train.loss = "fast"
@@ -20,7 +21,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.accumulate = 1
   config.optimizer.warmup_steps = 20
   config.ema_decay = 0.99
-  config.precision = "float32"
   config.eval.segment_seconds = 1.0
   config.eval.batch_size = 4
   config.eval.max_examples = 16

@@ -1,5 +1,5 @@
 """Writes `official_micro.ckpt` with real torch: a Lightning-style checkpoint of a microscopic
-BSMamba2 under the official state_dict names (SPEC §4), plus `official_micro.npz` with the same
+BSMamba2 under the official state_dict names (docs/model.md §8), plus `official_micro.npz` with the same
 tensors as NumPy (`sd/<key>` and `ema/<key>`), so the torch-free reader is tested against a file
 that torch itself wrote. Run once with torch installed: python tests/data/make_official_micro.py
 """

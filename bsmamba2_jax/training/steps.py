@@ -1,4 +1,4 @@
-"""Train state, optimiser, EMA and the pure training / evaluation steps (SPEC §5).
+"""Train state, optimiser, EMA and the pure training / evaluation steps (docs/training.md §5).
 
 `train_step` is written once for `jax.pmap(..., axis_name="batch")`: gradients and the loss are
 averaged over the axis with `lax.pmean`, so every device applies the same update. With one
@@ -142,7 +142,7 @@ def train_steps(state: TrainState, batches: dict, **step_kwargs: Any) -> tuple[T
   Returns the state after the K steps and each step's metrics stacked, (K,) per name: the same as
   K calls of `train_step`. Fewer, longer calls cost less per step where a call itself costs: a
   dispatch per step on an accelerator, and on XLA:CPU the kernel's page faults on the buffers it
-  maps afresh for every call (18 GB for the paper 8-s step).
+  maps afresh for every call (docs/performance.md).
   """
   return jax.lax.scan(lambda s, batch: train_step(s, batch, **step_kwargs), state, batches)
 

@@ -1,4 +1,4 @@
-"""STFT / iSTFT with the semantics of torch.stft / torch.istft (SPEC §2).
+"""STFT / iSTFT with the semantics of torch.stft / torch.istft (docs/model.md §1).
 
 Periodic Hann window, `center=True` with reflect padding of n_fft // 2 on each
 side, unnormalised, onesided. A window shorter than n_fft (`win_length`) is

@@ -1,4 +1,4 @@
-"""STFT / iSTFT against jax.scipy.signal and float64 NumPy references (SPEC §2)."""
+"""STFT / iSTFT against jax.scipy.signal and float64 NumPy references (docs/model.md §1)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import jax.scipy.signal as jss
 import numpy as np
 import pytest
 
-from bsmamba2_jax import audio
+from bsmamba2_jax import stft as audio
 from tests.stft_reference import numpy_istft
 from tests.stft_reference import numpy_stft
 from tests.stft_reference import padded_window
@@ -39,7 +39,7 @@ def test_stft_matches_jax_scipy_and_numpy(n_fft, hop, win_length, lead, n):
   assert spec.dtype == jnp.complex64
   assert spec.shape == lead + (n_fft // 2 + 1, 1 + n // hop)
   win = padded_window(n_fft, win_length or n_fft)
-  # SPEC §2: jax.scipy.signal.stft with boundary='even', padded=False equals
+  # docs/model.md §1: jax.scipy.signal.stft with boundary='even', padded=False equals
   # the torch STFT divided by the window sum.
   _, _, oracle = jss.stft(jnp.asarray(x), window=jnp.asarray(win, jnp.float32),
                           nperseg=n_fft, noverlap=n_fft - hop, boundary="even",

@@ -1,22 +1,18 @@
-"""Orbax persistence: inference exports (`save_inference`/`load_model`) and training state.
+"""Inference exports: a model's config and weights in one folder, and loading any checkpoint.
 
-An inference export is a directory holding
+An export is a directory holding
 
   config.json   {"format": "bsmamba2-jax-inference", "version": 1,
                  "model": ModelConfig.to_dict(), "metadata": {...}}
-  params/       an Orbax (StandardCheckpointer) checkpoint of the Flax params tree.
+  params/       an Orbax (StandardCheckpointer) checkpoint of the Flax params tree,
 
-`config.json` is written last, so a directory with it is a complete export.
-
-Training state lives under `<workdir>/checkpoints` in an Orbax `CheckpointManager` with two items
-per step: `state` (the TrainState pytree: step, params, EMA, optimiser state, rng, skipped count)
-and `meta` (JSON: the data-pipeline position and anything else the launcher wants to keep). The
-last `keep_last` steps (at least the latest one, which resuming needs) and the best `keep_best`
-by validation uSDR are kept.
+written beside its target first and moved in when complete, `config.json` last, so a directory
+with it is a complete export. `load_model` reads an export or an official PyTorch file (through
+`torch_files` and `convert`); `convert_checkpoint` and `export_torch_checkpoint` turn one into
+the other.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -27,25 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
-from bsmamba2_jax.convert import (CheckpointError, error_summary, load_torch_checkpoint,
-                                   looks_like_torch)
-from bsmamba2_jax.model import BSMamba2, ModelConfig, abstract_params
+from bsmamba2_jax import atomic, convert, torch_files
+from bsmamba2_jax.config import ModelConfig
+from bsmamba2_jax.errors import CheckpointError, ignore_closed_event_loop_callbacks, one_line
+from bsmamba2_jax.model import BSMamba2, abstract_params
 
 EXPORT_FORMAT = "bsmamba2-jax-inference"
 EXPORT_VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-def write_json_atomically(path: str, content: Mapping[str, Any]) -> None:
-  """Writes JSON to `path` via a temporary file, so a reader never sees a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(content, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrite: bool = False,
@@ -87,14 +74,14 @@ def save_inference(directory: str, config: ModelConfig, params: Any, *, overwrit
       with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
     except Exception as e:  # Orbax/TensorStore raise many types (full disk, bad path ...)
-      raise CheckpointError(f"{directory}: cannot write the export ({error_summary(e)})"
+      raise CheckpointError(f"{directory}: cannot write the export ({one_line(e)})"
                             ) from None
     if os.path.isdir(directory) and os.listdir(directory):  # a previous export, checked above
       os.remove(os.path.join(directory, CONFIG_FILE))
       shutil.rmtree(os.path.join(directory, PARAMS_DIR), ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
     os.replace(os.path.join(staging, PARAMS_DIR), os.path.join(directory, PARAMS_DIR))
-    write_json_atomically(os.path.join(directory, CONFIG_FILE), content)
+    atomic.write_json(os.path.join(directory, CONFIG_FILE), content, sort_keys=True)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return directory
@@ -134,7 +121,7 @@ def _export_content(path: str) -> dict:
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{path}: not a bsmamba2-jax export (no {CONFIG_FILE}); expected a "
                           "directory written by save_inference / `python -m experiments.export`, "
-                          f"or a PyTorch checkpoint file ({', '.join(TORCH_SUFFIXES)})")
+                          f"or a PyTorch checkpoint file ({', '.join(torch_files.SUFFIXES)})")
   try:
     with open(config_path) as f:
       content = json.load(f)
@@ -180,96 +167,62 @@ def load_inference(path: str) -> tuple[ModelConfig, Any, dict]:
   except CheckpointError:
     raise
   except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
+    ignore_closed_event_loop_callbacks()
     raise CheckpointError(f"{params_path}: corrupted or unreadable parameters "
-                          f"({error_summary(e)})") from None
+                          f"({one_line(e)})") from None
   return config, jax.tree_util.tree_map(jnp.asarray, params), metadata
 
 
-def load_model(path: str, **config_overrides: Any) -> tuple[BSMamba2, Any]:
+def load_torch_checkpoint(path: str, *, use_ema: bool = False,
+                          **overrides: Any) -> tuple[ModelConfig, dict]:
+  """A `.ckpt`/state_dict file -> (config inferred from its shapes, params); errors name the
+  file. `overrides` settle what the shapes cannot (see `convert.infer_config`)."""
+  state_dict = torch_files.read_torch_checkpoint(path, use_ema=use_ema)
+  try:
+    return convert.params_from_torch_state_dict(state_dict, **overrides)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_model(path: str, **compute: Any) -> tuple[BSMamba2, Any]:
   """(BSMamba2 model, params) from an export directory or a PyTorch checkpoint file.
 
-  `config_overrides` replace compute-only ModelConfig fields of the stored config (e.g.
-  `dtype="bfloat16"`, `scan_method=...`, `chunk_size=...`, `remat=...`).
+  `compute` replaces `config.COMPUTE_FIELDS` of the stored config (e.g. `dtype="bfloat16"`,
+  `scan_method=...`, `chunk_size=...`, `remat=...`); the other fields are the weights'.
   """
   path = os.fsdecode(os.fspath(path))
+  suffixes = "/".join(torch_files.SUFFIXES)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such checkpoint (expected an export directory or a "
-                            f"PyTorch file {'/'.join(TORCH_SUFFIXES)})")
+                            f"PyTorch file {suffixes})")
   if os.path.isdir(path):
     config, params, _ = load_inference(path)
-  elif path.lower().endswith(TORCH_SUFFIXES) or looks_like_torch(path):
+  elif path.lower().endswith(torch_files.SUFFIXES) or torch_files.looks_like_torch(path):
     config, params = load_torch_checkpoint(path)
   else:
     raise CheckpointError(f"{path}: unrecognised checkpoint file; expected an export directory "
-                          f"or a PyTorch file ending in {'/'.join(TORCH_SUFFIXES)}")
-  if config_overrides:
+                          f"or a PyTorch file ending in {suffixes}")
+  if compute:
     try:
-      config = dataclasses.replace(config, **config_overrides)
-    except TypeError as e:
-      raise TypeError(f"load_model({path}): bad config override ({e})") from None
+      config = config.with_compute(**compute)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"load_model({path}): {e}") from None
   return BSMamba2(config), params
 
 
-class TrainingCheckpoints:
-  """Training-state checkpoints of one workdir: keep last k and best k by validation uSDR.
+def convert_checkpoint(torch_ckpt: str, output_dir: str, *, use_ema: bool = False,
+                       overwrite: bool = False, **overrides: Any) -> str:
+  """Official `.ckpt` -> an inference export that `load_model`, separation and evaluation read.
+  Returns the export's path."""
+  config, params = load_torch_checkpoint(torch_ckpt, use_ema=use_ema, **overrides)
+  return save_inference(output_dir, config, params, overwrite=overwrite,
+                        metadata=dict(source=os.path.abspath(torch_ckpt), use_ema=use_ema))
 
-  keep_last below 1 counts as 1: the latest step is always kept, so a run can resume.
 
-  All processes of a multi-host run must call `save`/`restore` together (Orbax synchronises them).
-  """
-
-  def __init__(self, directory: str, *, keep_last: int = 3, keep_best: int = 1,
-               best_metric: str = "usdr"):
-    metric = lambda metrics: metrics[best_metric]
-    policies = [checkpoint_managers.LatestN(n=max(keep_last, 1))]
-    if keep_best > 0:
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=metric, reverse=False, n=keep_best,
-          keep_checkpoints_without_metrics=False))
-    # best_fn makes Orbax write the metrics next to each step, so `best_step` and the BestN
-    # policy still see them after a restart.
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), best_fn=metric,
-        best_mode="max", create=True, enable_async_checkpointing=False)
-    self.directory = os.path.abspath(os.fspath(directory))
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def best_step(self) -> int | None:
-    return self._manager.best_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
-  def save(self, step: int, state: Any, *, meta: Mapping[str, Any],
-           metrics: Mapping[str, float] | None = None) -> bool:
-    """Saves host copies of `state` (an unreplicated pytree) and JSON `meta` at `step`."""
-    if step in self._manager.all_steps():
-      return False  # Already saved (e.g. a final save right after a periodic one).
-    state = jax.device_get(state)
-    saved = self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(dict(meta))),
-        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-        force=True)
-    self._manager.wait_until_finished()
-    return saved
-
-  def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
-    """(state shaped like `target`, meta) at `step` (default: latest)."""
-    step = self._manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{self.directory}: no training checkpoint to restore")
-    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                      target)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                      meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
-
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+def export_torch_checkpoint(export_dir: str, output_path: str, *, overwrite: bool = False) -> str:
+  """An inference export -> a Lightning-style `.ckpt` ({"state_dict": {model.*: tensor}}) that
+  the official code loads. Needs torch."""
+  torch_files.check_writable(output_path, overwrite)  # before reading the export
+  config, params, _ = load_inference(export_dir)
+  state_dict = convert.params_to_torch_state_dict(config, jax.device_get(params))
+  return torch_files.write_torch_checkpoint(output_path, state_dict, overwrite=overwrite)

@@ -1,0 +1,184 @@
+"""The one model configuration: `ModelConfig`, its named presets and the band layout.
+
+Every hyperparameter of BSMamba2 is a field here; experiment configs hold the same fields
+(`model_settings`), so a new field is added in this file only. Fields split in two kinds:
+those that shape the weights, which an export or a resumed run must keep, and
+`COMPUTE_FIELDS`, which change how the model computes but not its weights (a run may resume,
+and an export may load, with them changed). See docs/model.md for the graph they describe.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# Band widths (in STFT bins) of the official model for n_fft 2048 (1025 bins, docs/model.md §2):
+# 2×24, 4×12, 12×8, 24×8, 48×8, 128, 129.
+PAPER_BAND_WIDTHS: tuple[int, ...] = (
+    (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129))
+
+# "auto": float32 on CPU, where XLA:CPU runs this model's bf16 step slower than fp32, and
+# bfloat16 on accelerators (docs/performance.md).
+DTYPES = ("float32", "bfloat16", "auto")
+SCAN_METHODS = ("chunked", "associative", "sequential")
+# Fields that change the computation, not the weights.
+COMPUTE_FIELDS = ("dtype", "scan_method", "chunk_size", "remat")
+
+
+def default_band_widths(n_fft: int) -> tuple[int, ...]:
+  """The paper's band layout scaled to `n_fft`; widths sum to n_fft // 2 + 1.
+
+  Widths scale with n_fft / 2048 (at least one bin); the last band takes the remainder, so
+  n_fft = 2048 gives exactly `PAPER_BAND_WIDTHS`.
+  """
+  bins = n_fft // 2 + 1
+  scale = n_fft / 2048
+  widths = [max(1, round(w * scale)) for w in PAPER_BAND_WIDTHS[:-1]]
+  while widths and sum(widths) >= bins:  # very small n_fft: drop the highest bands
+    widths.pop()
+  return tuple(widths) + (bins - sum(widths),)
+
+
+def resolve_dtype(dtype: str, backend: str | None = None) -> str:
+  """`dtype` ("float32", "bfloat16" or "auto") as the dtype computed in on `backend` (a JAX
+  backend name; default: JAX's default backend)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  if dtype != "auto":
+    return dtype
+  if backend is None:
+    import jax  # pylint: disable=g-import-not-at-top  (the backend is known only at run time)
+    backend = jax.default_backend()
+  return "float32" if backend == "cpu" else "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every hyperparameter of BSMamba2. `ModelConfig.preset(name, **fields)` gives named sizes.
+
+  dtype: the compute dtype of matmuls and convolutions ("float32", "bfloat16", or "auto", see
+  `resolve_dtype`); parameters, the residual stream, norms, the STFT and the scan's decay math
+  stay float32 in every case.
+  remat: recompute each bidirectional block in the backward pass (`jax.checkpoint`) instead of
+  storing its activations, except what `model.REMAT_POLICY` keeps; what it saves and costs is
+  in docs/performance.md.
+  """
+  audio_channels: int = 2
+  sample_rate: int = 44100
+  n_fft: int = 2048
+  hop_length: int = 441
+  band_widths: tuple[int, ...] = PAPER_BAND_WIDTHS
+  dim: int = 256
+  depth: int = 6
+  d_state: int = 128
+  expand: int = 4
+  headdim: int = 64
+  ngroups: int = 1
+  d_conv: int = 4
+  mask_hidden_mult: int = 4
+  scan_method: str = "chunked"
+  chunk_size: int = 64
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "band_widths", tuple(int(w) for w in self.band_widths))
+    problems = []
+    if sum(self.band_widths) != self.n_fft // 2 + 1:
+      problems.append(f"band_widths sum to {sum(self.band_widths)}, expected n_fft//2+1 = "
+                      f"{self.n_fft // 2 + 1}")
+    if not 0 < self.hop_length <= self.n_fft // 2:
+      # The last frame, centred at a multiple of hop_length within hop_length of the end,
+      # reaches n_fft // 2 samples on: a longer hop leaves the end of the output uncovered
+      # (zeros), and the windows of frames further apart overlap too little to invert.
+      problems.append(f"hop_length must be in [1, n_fft // 2] so that frames cover every sample, "
+                      f"got hop_length={self.hop_length} with n_fft={self.n_fft}")
+    if (self.expand * self.dim) % self.headdim:
+      problems.append(f"expand*dim = {self.expand * self.dim} is not a multiple of headdim "
+                      f"{self.headdim}")
+    elif (self.expand * self.dim // self.headdim) % self.ngroups:
+      problems.append(f"the {self.expand * self.dim // self.headdim} heads do not split into "
+                      f"ngroups={self.ngroups}")
+    if self.audio_channels not in (1, 2):
+      problems.append(f"audio_channels must be 1 or 2, got {self.audio_channels}")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.scan_method not in SCAN_METHODS:
+      problems.append(f"unknown scan_method {self.scan_method!r}; choose from {SCAN_METHODS}")
+    if problems:
+      raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+  @classmethod
+  def preset(cls, preset: str = "paper", **fields: Any) -> "ModelConfig":
+    """The preset 'paper' (48,098,188 parameters), 'small' or 'tiny' (trains on 2 CPU cores in
+    minutes) with `fields` replaced; a field given as None keeps the preset's value, so an
+    experiment's `config.model` (see `model_settings`) passes straight in:
+    `ModelConfig.preset(**config.model)`. A new n_fft without band_widths scales the bands."""
+    if preset not in PRESETS:
+      raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"unknown ModelConfig field(s) {unknown}")
+    values = dict(PRESETS[preset], **fields)
+    if "n_fft" in fields and "band_widths" not in fields:
+      values["band_widths"] = default_band_widths(values["n_fft"])
+    return cls(**values)
+
+  def to_dict(self) -> dict:
+    """JSON-able dict; `ModelConfig.from_dict` inverts it."""
+    d = dataclasses.asdict(self)
+    d["band_widths"] = list(self.band_widths)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields {unknown}")
+    return cls(**d)
+
+  def weights_view(self) -> dict:
+    """The fields that shape the weights (all but `COMPUTE_FIELDS`), as `to_dict` gives them."""
+    return {k: v for k, v in self.to_dict().items() if k not in COMPUTE_FIELDS}
+
+  def with_compute(self, **fields: Any) -> "ModelConfig":
+    """This config with `COMPUTE_FIELDS` replaced (the weights stay valid); others refused."""
+    other = sorted(set(fields) - set(COMPUTE_FIELDS))
+    if other:
+      raise ValueError(f"only {', '.join(COMPUTE_FIELDS)} can change for given weights, not "
+                       f"{', '.join(other)}")
+    return dataclasses.replace(self, **fields)
+
+  @property
+  def compute_dtype(self):
+    """The jnp dtype of the matmuls (resolving "auto" on JAX's backend)."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    return jnp.bfloat16 if resolve_dtype(self.dtype) == "bfloat16" else jnp.float32
+
+  @property
+  def mixer(self) -> dict:
+    """Keyword arguments of `mamba2.Mamba2` (besides d_model)."""
+    return dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                headdim=self.headdim, ngroups=self.ngroups, scan_method=self.scan_method,
+                chunk_size=self.chunk_size, dtype=self.compute_dtype)
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "small": dict(dim=128, depth=4, d_state=64, expand=2, headdim=32),
+    "tiny": dict(dim=32, depth=2, d_state=16, expand=2, headdim=16),
+}
+
+
+def model_settings(preset: str = "paper", **fields: Any):
+  """An experiment's `config.model`: a ConfigDict with `preset` and every ModelConfig field
+  (None: the preset's value), so `--config.model.<field>=...` overrides any of them and
+  `ModelConfig.preset(**config.model)` builds the model's config. `fields` set some now."""
+  import ml_collections  # pylint: disable=g-import-not-at-top  (experiments only)
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  settings = ml_collections.ConfigDict({"preset": preset})
+  for field in dataclasses.fields(ModelConfig):
+    settings[field.name] = config_dict.placeholder(type(field.default))
+  settings.update(fields)
+  return settings

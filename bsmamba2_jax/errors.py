@@ -1,0 +1,46 @@
+"""The errors raised for bad input anywhere in bsmamba2-jax, each a one-line message.
+
+A message names the file (or setting) and the problem, so a launcher can print it as it is and
+exit; nothing from deep inside JAX, Orbax or libsndfile should reach a user as a traceback.
+All are ValueErrors: callers that only care about "bad input" catch that.
+"""
+from __future__ import annotations
+
+import sys
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or export that cannot be read, or does not fit the model."""
+
+
+class InputError(ValueError):
+  """An input audio file that cannot be separated."""
+
+
+def one_line(error: BaseException) -> str:
+  """`Type: first line of the message` (at most 200 characters of it), for wrapping errors of
+  other libraries (Orbax, TensorStore, pickle) into one of ours."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def ignore_closed_event_loop_callbacks() -> None:
+  """Drops the `RuntimeError: Event loop is closed` that Orbax leaves after a failed restore.
+
+  When one array of a checkpoint cannot be read, Orbax gives up and closes its event loop while
+  TensorStore is still reading the others; their completions then call into the closed loop, and
+  Python prints each failure as an unraisable exception with a traceback, after the one-line
+  error has been reported. Called once a restore has failed, this filters exactly those out of
+  `sys.unraisablehook` (keeping the previous hook for everything else) for the process's life.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook

@@ -1,0 +1,100 @@
+"""Process-wide settings for programs: `configure()`, the first line of every launcher's `main`.
+
+Importing bsmamba2_jax changes nothing in the process. A program (each `python -m
+experiments.<launcher>`, or your own script) opts in to these settings by calling `configure()`
+before it runs any JAX computation:
+
+1. XLA:CPU flags. Under jaxlib 0.10 `--xla_cpu_experimental_ynn_fusion_type=` is added to
+   `XLA_FLAGS`: that release routes reductions, elementwise ops and small dots through YNNPACK
+   fusions that run this model's scan and training step markedly slower on CPU
+   (docs/performance.md). A value you set in `XLA_FLAGS` yourself wins. XLA reads the variable
+   when JAX starts its backend, so `configure()` refuses to run after that.
+2. The persistent compilation cache (`compilation_cache=True`): compiled programs are kept in
+   `$XDG_CACHE_HOME/bsmamba2_jax/xla` (`~/.cache/...`), so a resumed or repeated run does not
+   compile its steps again. `BSMAMBA2_COMPILATION_CACHE=<folder>` moves it, `=0` turns it off,
+   and JAX's own `JAX_COMPILATION_CACHE_DIR` wins over both. Benchmarks leave it off: their rows
+   time compilation.
+3. stdout prints file names that are not UTF-8 (kept by Python as surrogates) as their bytes,
+   as Python does in the C locale, instead of failing on them.
+
+Not done here, because glibc reads it only when a process starts: malloc on transparent huge
+pages. XLA:CPU maps fresh buffers for every call and with 4-KiB pages the kernel faults each
+page in; large CPU steps then spend much of their time in the kernel. Opt in by starting the
+program with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, transparent huge pages
+"madvise" or "always"); docs/performance.md has what it buys.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import sys
+from typing import Mapping
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def xla_flags(flags: str, jaxlib_version: str | None) -> str:
+  """`flags` (the current XLA_FLAGS) with YNNPACK fusions turned off under jaxlib 0.10, unless
+  the flag is already there (the user's choice)."""
+  if YNN_FLAG in flags or not (jaxlib_version or "").startswith("0.10."):
+    return flags
+  return f"{flags} {YNN_FLAG}=".strip()
+
+
+def compilation_cache_dir(environ: Mapping[str, str]) -> str | None:
+  """The folder of the persistent compilation cache under `environ`, or None to leave JAX's
+  setting alone (turned off, or JAX_COMPILATION_CACHE_DIR set)."""
+  chosen = environ.get("BSMAMBA2_COMPILATION_CACHE", "")
+  if chosen == "0" or environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return None
+  if chosen:
+    return chosen
+  cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(
+      environ.get("HOME") or os.path.expanduser("~"), ".cache")
+  return os.path.join(cache_home, "bsmamba2_jax", "xla")
+
+
+def _backend_started() -> bool:
+  """Whether JAX has started a backend (after which XLA_FLAGS is not read again)."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return bool(started and started())
+
+
+def configure(*, compilation_cache: bool = True) -> None:
+  """Makes the settings of this module's docstring for the current process (call it once, first
+  in `main`). Raises RuntimeError if JAX has already started its backend."""
+  if _backend_started():
+    raise RuntimeError("runtime.configure() must run before the first JAX computation: XLA "
+                       "reads XLA_FLAGS when JAX starts its backend")
+  try:
+    jaxlib_version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    jaxlib_version = None
+  flags = xla_flags(os.environ.get("XLA_FLAGS", ""), jaxlib_version)
+  if flags:
+    os.environ["XLA_FLAGS"] = flags
+  if hasattr(sys.stdout, "reconfigure"):
+    sys.stdout.reconfigure(errors="surrogateescape")
+  if compilation_cache:
+    _use_compilation_cache(compilation_cache_dir(os.environ))
+
+
+def _use_compilation_cache(folder: str | None) -> None:
+  """Points JAX's persistent cache at `folder` if it can be written; says so if not."""
+  if folder is None:
+    return
+  try:
+    os.makedirs(folder, exist_ok=True)
+    writable = os.access(folder, os.W_OK)
+  except OSError:
+    writable = False
+  if not writable:
+    logging.warning("compilation cache off: cannot write %s (set BSMAMBA2_COMPILATION_CACHE to "
+                    "another folder, or 0)", folder)
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", folder)
