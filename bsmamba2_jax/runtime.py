@@ -16,6 +16,10 @@ before it runs any JAX computation:
    time compilation.
 3. stdout prints file names that are not UTF-8 (kept by Python as surrogates) as their bytes,
    as Python does in the C locale, instead of failing on them.
+4. Messages (`verbose=False`): log records print as plain lines ("warning: ...", "error: ...",
+   information as it is), without absl's timestamp, thread id and file:line, and the libraries'
+   own information below warnings (Orbax's, say) is left out. `verbose=True` keeps absl's
+   prefixed lines with everything.
 
 Not done here, because glibc reads it only when a process starts: malloc on transparent huge
 pages. XLA:CPU maps fresh buffers for every call and with 4-KiB pages the kernel faults each
@@ -64,7 +68,33 @@ def _backend_started() -> bool:
   return bool(started and started())
 
 
-def configure(*, compilation_cache: bool = True) -> None:
+class _PlainFormatter(logging.Formatter):
+  """A record as a plain line: the message, after "warning: " / "error: " where it is one."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    message = record.getMessage()
+    if record.exc_info and not record.exc_text:
+      record.exc_text = self.formatException(record.exc_info)
+    if record.exc_text:
+      message = f"{message}\n{record.exc_text}"
+    if record.levelno >= logging.ERROR:
+      return f"error: {message}"
+    return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def _ours_or_important(record: logging.LogRecord) -> bool:
+  """Records of this project (the root logger: it logs through `logging.*`) and warnings."""
+  return record.name == "root" or record.levelno >= logging.WARNING
+
+
+def _plain_messages() -> None:
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handler = absl_logging.get_absl_handler()
+  handler.setFormatter(_PlainFormatter())
+  handler.addFilter(_ours_or_important)
+
+
+def configure(*, compilation_cache: bool = True, verbose: bool = False) -> None:
   """Makes the settings of this module's docstring for the current process (call it once, first
   in `main`). Raises RuntimeError if JAX has already started its backend."""
   if _backend_started():
@@ -79,6 +109,8 @@ def configure(*, compilation_cache: bool = True) -> None:
     os.environ["XLA_FLAGS"] = flags
   if hasattr(sys.stdout, "reconfigure"):
     sys.stdout.reconfigure(errors="surrogateescape")
+  if not verbose:
+    _plain_messages()
   if compilation_cache:
     _use_compilation_cache(compilation_cache_dir(os.environ))
 

@@ -18,7 +18,7 @@ from typing import Sequence
 from bsmamba2_jax.audio_io.paths import (DEFAULT_TEMPLATE, check_template, find_inputs,
                                          output_paths)
 from bsmamba2_jax.audio_io.reader import AudioReader
-from bsmamba2_jax.audio_io.writer import SUBTYPES, AudioWriter
+from bsmamba2_jax.audio_io.writer import LOSSY, AudioWriter, check_format
 from bsmamba2_jax.errors import InputError
 from bsmamba2_jax.separator import STEMS, Separator
 
@@ -35,9 +35,11 @@ class FileResult:
 
 
 def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
-                  fmt: str = "wav", bit_depth: str = "24", progress: bool = True) -> FileResult:
-  """Separates the file at `path` into `outputs` (stem -> path), streaming; raises InputError
-  naming the file when it cannot (the outputs' temporary files are then removed)."""
+                  fmt: str = "wav", bit_depth: str = "24", quality: float = 0.8,
+                  progress: bool = True) -> FileResult:
+  """Separates the file at `path` into `outputs` (stem -> path, any of STEMS), streaming;
+  raises InputError naming the file when it cannot (the outputs' temporary files are then
+  removed)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   reader = AudioReader(path)
@@ -50,12 +52,13 @@ def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
                         "[{elapsed}<{remaining}{postfix}]")
   try:
     for stem, out_path in outputs.items():
-      writers[stem] = AudioWriter(out_path, reader.sample_rate, reader.channels, fmt, bit_depth)
+      writers[stem] = AudioWriter(out_path, reader.sample_rate, reader.channels, fmt, bit_depth,
+                                  quality)
     done = 0
     for mixture, vocals in separator.stream(reader.blocks(separator.segment_samples),
                                             reader.sample_rate, reader.channels):
-      writers["vocals"].write(vocals)
-      writers["accompaniment"].write(mixture - vocals)
+      for stem, writer in writers.items():
+        writer.write(vocals if stem == "vocals" else mixture - vocals)
       done += vocals.shape[1]
       elapsed = time.perf_counter() - start
       bar.update(round(done / reader.sample_rate - bar.n, 2))
@@ -105,52 +108,68 @@ def _refusal(path: str, outputs: dict[str, str], claimed: dict[str, str],
 
 
 def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
-                   separator: Separator | None = None, output_dir: str = "separated",
+                   model: str | None = None, separator: Separator | None = None,
+                   precision: str = "auto", device: str | None = None,
+                   output_dir: str = "separated",
                    template: str = DEFAULT_TEMPLATE, fmt: str = "wav", bit_depth: str = "24",
-                   segment: float = 8.0, overlap: float = 0.25, batch_size: int = 1,
-                   overwrite: bool = False, progress: bool = True) -> list[FileResult]:
-  """Separates every input (files, folders, globs) into vocals and accompaniment files.
+                   quality: float = 0.8, stems: Sequence[str] = STEMS, segment: float = 8.0,
+                   overlap: float = 0.25, batch_size: int = 1, overwrite: bool = False,
+                   progress: bool = True) -> list[FileResult]:
+  """Separates every input (files, folders, globs) into a file per stem of `stems`.
 
-  Give either `checkpoint` (Orbax export or PyTorch file) or a ready `separator`. Settings are
-  checked before the model is loaded; bad inputs are logged with their path and skipped, and
-  the returned results carry their `error`.
+  Give a `checkpoint` (export or PyTorch file), a registered `model` name (downloaded on first
+  use, `registry`) or a ready `separator`; `precision` and `device` apply to the first two
+  (`Separator.from_model`). Settings are checked before the model is loaded; bad inputs are
+  logged with their path and skipped, and the returned results carry their `error`. `quality`
+  in [0, 1] is the lossy formats'.
   """
   if isinstance(inputs, (str, bytes, os.PathLike)):  # one path, not a sequence of characters
     inputs = [inputs]
   inputs = [os.fsdecode(p) for p in inputs]
   fmt, bit_depth = fmt.lower(), str(bit_depth).lower()
-  if (fmt, bit_depth) not in SUBTYPES:
-    raise ValueError(f"unsupported --format={fmt} --bit_depth={bit_depth}; choose from "
-                     f"{sorted(f'{f}/{b}' for f, b in SUBTYPES)} (FLAC has no 32-bit float)")
+  check_format(fmt, bit_depth)
+  if not 0.0 <= quality <= 1.0:
+    raise ValueError(f"--quality must be in [0, 1], got {quality}")
+  unknown = sorted(set(stems) - set(STEMS))
+  if unknown or not stems:
+    raise ValueError(f"unknown stem(s) {unknown}; choose from {', '.join(STEMS)}")
+  stems = [s for s in STEMS if s in stems]
   check_template(template)
-  if separator is None:
-    if checkpoint is None:
-      raise ValueError("give a checkpoint (Orbax directory or PyTorch .ckpt) or a separator")
-    separator = Separator.from_checkpoint(checkpoint, segment=segment, overlap=overlap,
-                                          batch_size=batch_size)
   paths, missing = find_inputs(inputs, exclude=output_dir)
   results = [FileResult(pattern, error=problem) for pattern, problem in missing.items()]
   for result in results:
     logging.error("%s", result.error)
+  if not paths:  # nothing to separate: no model to load (or download)
+    return results
+  if separator is None:
+    settings = dict(segment=segment, overlap=overlap, batch_size=batch_size,
+                    precision=precision, device=device)
+    if checkpoint is not None:
+      separator = Separator.from_checkpoint(checkpoint, **settings)
+    elif model is not None:
+      separator = Separator.from_pretrained(model, progress=progress, **settings)
+    else:
+      raise ValueError("give a checkpoint (export or PyTorch .ckpt), a model name or a "
+                       "separator")
   sources = {os.path.realpath(p): p for p in paths}
   claimed = {}  # output path -> the input that writes it in this run
   for path in paths:
     try:
-      outputs = output_paths(path, output_dir, template, fmt, STEMS)
+      outputs = output_paths(path, output_dir, template, fmt, stems)
       refusal = _refusal(path, outputs, claimed, sources, overwrite)
       if refusal:
         raise InputError(refusal)
       result = separate_file(separator, path, outputs, fmt=fmt, bit_depth=bit_depth,
-                             progress=progress)
+                             quality=quality, progress=progress)
       claimed.update({p: path for p in outputs.values()})
     except InputError as e:
       result = FileResult(path, error=str(e))
       logging.error("%s", result.error)
     else:
       for stem, count in result.clipped.items():
-        logging.warning("%s: %s clipped at %d samples (%s-bit %s cannot hold |x| > 1; use "
-                        "--bit_depth=32f --format=wav to keep them)", path, stem, count,
-                        bit_depth, fmt)
+        held = fmt if fmt in LOSSY else f"{bit_depth}-bit {fmt}"
+        logging.warning("%s: %s clipped at %d samples (%s cannot hold |x| > 1; use "
+                        "--bit_depth=32f --format=wav to keep them)", path, stem, count, held)
       logging.info("%s: %.1f s of audio in %.1f s (%.2fx real time)", path, result.seconds,
                    result.wall_s, result.seconds / max(result.wall_s, 1e-9))
     results.append(result)

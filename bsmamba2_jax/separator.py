@@ -143,6 +143,29 @@ class Resampler:
     return np.ascontiguousarray(out.reshape(-1, block.shape[0]).T)
 
 
+def jax_device(spec: str | None):
+  """The JAX device `spec` names ("cpu", "gpu", "gpu:1", "tpu:0"; None: the default one);
+  ValueError in one line naming what there is when it is not there."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if spec is None:
+    return jax.devices()[0]
+  platform, _, index = spec.lower().partition(":")
+  platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+  try:
+    found = jax.devices(platform)
+  except RuntimeError:
+    found = []
+  try:
+    number = int(index) if index else 0
+  except ValueError:
+    number = -1
+  if not 0 <= number < len(found):
+    available = ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
+    raise ValueError(f"--device {spec}: no such device here (JAX sees {available}; a GPU needs "
+                     "JAX's CUDA build, see README)")
+  return found[number]
+
+
 class Separator:
   """Vocal separation of arrays and streams with a fixed-shape batched model function.
 
@@ -183,17 +206,29 @@ class Separator:
       raise ValueError(f"overlap {overlap} leaves no hop for a {segment}-s segment")
 
   @classmethod
-  def from_model(cls, model, params, **kwargs) -> "Separator":
-    """A separator around a `BSMamba2` module and its params, jitted for one chunk shape."""
-    import jax
-    import jax.numpy as jnp
+  def from_model(cls, model, params, *, precision: str | None = None, device: str | None = None,
+                 **kwargs) -> "Separator":
+    """A separator around a `BSMamba2` module and its params, jitted per batch shape.
 
+    precision: None keeps the model's dtype; "float32", "bfloat16", or "auto" (float32 on a CPU,
+    bfloat16 on an accelerator, decided by the device that runs it). device: "cpu", "gpu",
+    "gpu:N" (or any JAX platform name), None for JAX's default device.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from bsmamba2_jax.config import resolve_dtype  # pylint: disable=g-import-not-at-top
+
+    target = jax_device(device)
+    if precision is not None:
+      dtype = resolve_dtype(precision, target.platform)
+      model = model.clone(config=model.config.with_compute(dtype=dtype))
     config = model.config
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    params = jax.device_put(params)
+    params = jax.device_put(params, target)
 
     def model_fn(chunks: np.ndarray) -> np.ndarray:
-      return np.asarray(apply(params, jnp.asarray(chunks, jnp.float32)))
+      return np.asarray(apply(params, jax.device_put(jnp.asarray(chunks, jnp.float32), target)))
 
     kwargs.setdefault("fixed_batch", False)  # jit compiles each batch shape on first use
     return cls(model_fn, sample_rate=config.sample_rate,
@@ -201,12 +236,24 @@ class Separator:
                shortest_segment=config.n_fft / config.sample_rate, **kwargs)
 
   @classmethod
-  def from_checkpoint(cls, path: str, **kwargs) -> "Separator":
-    """A separator from an exported Orbax directory or an official PyTorch checkpoint."""
-    from bsmamba2_jax import exports
+  def from_checkpoint(cls, path: str, *, precision: str = "auto", **kwargs) -> "Separator":
+    """A separator from an export directory or an official PyTorch checkpoint; `precision`
+    "auto" computes in float32 on a CPU whatever dtype the model was trained in."""
+    from bsmamba2_jax import exports  # pylint: disable=g-import-not-at-top
 
+    jax_device(kwargs.get("device"))  # a missing device is said before the model loads
     model, params = exports.load_model(path)
-    return cls.from_model(model, params, **kwargs)
+    return cls.from_model(model, params, precision=precision, **kwargs)
+
+  @classmethod
+  def from_pretrained(cls, name: str = "bsmamba2-vocals", *, progress: bool = True,
+                      **kwargs) -> "Separator":
+    """A separator of a registered pretrained model (`registry`), downloaded and converted on
+    first use, then read from the cache (`BSMAMBA2_HOME`) without any request."""
+    from bsmamba2_jax import registry  # pylint: disable=g-import-not-at-top
+
+    jax_device(kwargs.get("device"))  # before any download
+    return cls.from_checkpoint(registry.pretrained(name, progress=progress), **kwargs)
 
   def _run_chunks(self, chunks: np.ndarray) -> np.ndarray:
     """(k, Ci, S) mixtures -> (k, Ci, S) vocals, adapting channels and padding the batch."""

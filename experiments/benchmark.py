@@ -52,7 +52,7 @@ def run_benchmarks(sections: list[str] | None, output_dir: str, mode: str = "def
 
 def main(argv):
   # XLA:CPU flags before JAX starts; no compilation cache: the rows time compilation too.
-  runtime.configure(compilation_cache=False)
+  runtime.configure(compilation_cache=False, verbose=cli.verbose())
   del argv
   try:
     run_benchmarks(_ONLY.value, _OUT.value, _MODE.value)

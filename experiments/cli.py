@@ -1,9 +1,12 @@
-"""Flags shared by the launchers: path flags that expand `~`, and config errors in one line.
+"""Flags shared by the launchers: path flags that expand `~`, --help, --verbose, one-line errors.
 
-Launchers run `cli.run(main)`, which parses with `parse_flags` (a config override naming no
-setting, `--config.optimizer.lrr=1`, or a config file that does not load is one line, not a
-traceback), and declare file and folder flags with `DEFINE_path` / `DEFINE_multi_path`, which
-expand `~` (the shell leaves it as is in `--workdir=~/runs`).
+Launchers run `cli.run(main)`, which adds `--verbose` (passed on to `runtime.configure`: without
+it messages are plain lines, with it absl's prefixed log lines and the libraries' details),
+answers `--help` / `-h` / `--helpfull` on stdout with exit status 0, and parses with
+`parse_flags` (a config override naming no setting, `--config.optimizer.lrr=1`, or a config file
+that does not load is one line, not a traceback). File and folder flags come from
+`DEFINE_path` / `DEFINE_multi_path`, which expand `~` (the shell leaves it as is in
+`--workdir=~/runs`).
 """
 from __future__ import annotations
 
@@ -64,6 +67,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   loading a config file or applying an override reach the user as a traceback (a misspelt
   `--config.optimizer.lrr=1` is an AttributeError); those exit the same way, status 1.
   """
+  options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  asked = [a for a in options if a in ("--help", "-h", "-?", "--helpshort", "--helpfull")]
+  if asked:
+    app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True, exitcode=0)
   try:
     return app.parse_flags_with_usage(argv)
   except (KeyError, AttributeError, SyntaxError, TypeError, ValueError, NameError,
@@ -74,5 +81,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)` with `parse_flags`: what every launcher's `if __name__ == "__main__"` does."""
+  """`app.run(main)` with `parse_flags` and `--verbose`: every launcher's `__main__` block."""
+  if "verbose" not in flags.FLAGS:
+    flags.disclaim_key_flags()  # --verbose belongs to the launcher, so its --help lists it
+    flags.DEFINE_bool("verbose", False, "Show log details (timestamps, sources) and libraries' "
+                      "messages; without it messages are plain lines.")
   app.run(main, flags_parser=parse_flags)
+
+
+def verbose() -> bool:
+  """The value of `--verbose` (after `run` parsed the flags)."""
+  return bool(flags.FLAGS["verbose"].value) if "verbose" in flags.FLAGS else False

@@ -23,7 +23,7 @@ _OUTPUT = cli.DEFINE_path("output", None, "With --to_torch: the .ckpt file to wr
 
 
 def main(argv):
-  runtime.configure(compilation_cache=True)  # XLA:CPU flags; compiled programs kept
+  runtime.configure(compilation_cache=True, verbose=cli.verbose())  # see runtime.py
   del argv
   try:
     if _TO_TORCH.value:

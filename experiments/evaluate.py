@@ -38,7 +38,7 @@ flags.mark_flags_as_required(["checkpoint", "data_dir"])
 
 
 def main(argv):
-  runtime.configure(compilation_cache=True)  # XLA:CPU flags; compiled programs kept
+  runtime.configure(compilation_cache=True, verbose=cli.verbose())  # see runtime.py
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:

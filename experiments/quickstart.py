@@ -8,7 +8,7 @@ reuses or resumes what exists. Override the experiment config like any launcher,
 """
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from bsmamba2_jax import quickstart, runtime
@@ -27,9 +27,7 @@ _SEED = flags.DEFINE_integer("seed", None, "Random seed of data and training (de
 
 def main(argv):
   # XLA:CPU flags before JAX starts; compiled programs kept, so a second run compiles nothing.
-  runtime.configure(compilation_cache=True)
-  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; show progress only.
-    logging.set_verbosity(logging.WARNING)
+  runtime.configure(compilation_cache=True, verbose=cli.verbose())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value

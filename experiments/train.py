@@ -28,7 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   # XLA:CPU flags before JAX starts, and the compilation cache so a resumed run does not
   # compile its steps again (see bsmamba2_jax/runtime.py).
-  runtime.configure(compilation_cache=True)
+  runtime.configure(compilation_cache=True, verbose=cli.verbose())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:

@@ -544,7 +544,7 @@ def terminated_on_second_call(chunks):
     os.kill(os.getpid(), signal.{signame})
   return chunks
 separator.Separator.from_checkpoint = classmethod(
-    lambda cls, path, **kw: cls(terminated_on_second_call, **kw))
+    lambda cls, path, precision, device, **kw: cls(terminated_on_second_call, **kw))
 sys.argv = ["separate", "--checkpoint=unused", "--input={path}", "--output_dir={tmp_path}/out",
             "--segment=0.1", "--overlap=0", "--noprogress"]
 separate.run()

@@ -161,3 +161,33 @@ def test_shipped_configs_pass_the_settings_check(name):
   import importlib
 
   loop.check_config(importlib.import_module(f"experiments.configs.{name}").get_config(), None)
+
+
+def test_fine_tuning_starts_from_given_weights_with_a_fresh_optimiser(tmp_path):
+  import jax
+
+  from bsmamba2_jax.errors import CheckpointError
+  from bsmamba2_jax.exports import save_inference
+  from bsmamba2_jax.model import abstract_params
+  from experiments.configs import tiny
+  config = tiny.get_config()
+  config.model.update(dict(dim=16, depth=1, d_state=8, headdim=8))
+  model_config = workdir_lib.model_config(config)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                                  abstract_params(model_config))
+  export = save_inference(str(tmp_path / "export"), model_config, params)
+  config.init_from = export
+  state = loop.Experiment(config).init_state()
+  for ours, given in ((state.params, params), (state.ema_params, params)):
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(given)):
+      np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 0 and int(state.skipped) == 0
+  assert all(not np.any(m) for m in jax.tree_util.tree_leaves(state.opt_state[1][0].mu))
+  wider = tiny.get_config()
+  wider.model.update(dict(dim=32, depth=1, d_state=8, headdim=8))
+  with pytest.raises(CheckpointError, match=rf"config.init_from={export}: parameter "
+                                            r"\S+ has shape \(.*\), the config needs"):
+    loop.pretrained_params(export, workdir_lib.model_config(wider))
+  with pytest.raises(ValueError, match="neither a file or folder nor a registered model"):
+    loop.pretrained_params("no-such-model", model_config)

@@ -1,7 +1,8 @@
-"""Reading input audio for separation: any format soundfile or librosa decodes, in blocks.
+"""Reading input audio for separation: any format soundfile or FFmpeg decodes, in blocks.
 
-soundfile (libsndfile) streams WAV, FLAC, OGG/Opus, MP3 and AIFF block by block; anything else
-librosa (audioread / ffmpeg where installed) decodes whole. Damage is handled where it can be:
+soundfile (libsndfile) streams WAV, FLAC, OGG/Opus, MP3 and AIFF; everything else (m4a/AAC, mp4,
+webm, wma ...) is decoded by PyAV, which ships FFmpeg inside its wheel, also block by block, so
+no system ffmpeg is needed and memory stays bounded. Damage is handled where it can be:
 a WAV whose data size a streaming writer left at 0 is read through the end of the file, a
 truncated file is separated as far as it decodes, each with a warning naming the file; what
 cannot be read at all is an `InputError` naming the file and the problem.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from typing import Iterator
 
 import numpy as np
@@ -108,8 +108,75 @@ def _open_streamed_wav(path: str) -> tuple[sf.SoundFile, _PatchedBytes] | None:
   return opened, raw
 
 
+class _Decoder:
+  """A file PyAV (FFmpeg) decodes: its first audio stream as float32 (channels, n) blocks.
+
+  The first samples are decoded on opening, so a file that holds no decodable audio fails there.
+  `frames` is the container's estimate (the codec may add or drop a few samples of padding).
+  """
+
+  def __init__(self, path: str):
+    import av  # pylint: disable=g-import-not-at-top  (only files libsndfile cannot read)
+    self._container = av.open(path)
+    try:
+      streams = self._container.streams.audio
+      if not streams:
+        raise ValueError("no audio stream")
+      stream = streams[0]
+      self.sample_rate = int(stream.rate or stream.codec_context.sample_rate)
+      self.channels = stream.codec_context.channels
+      duration = (float(stream.duration * stream.time_base) if stream.duration else
+                  self._container.duration / 1e6 if self._container.duration else 0.0)
+      self.frames = int(round(duration * self.sample_rate))
+      self._resampler = av.AudioResampler(format="fltp", layout=stream.layout,
+                                          rate=self.sample_rate)
+      self._frames = self._container.decode(stream)
+      self._pending = [] if self.channels > 2 else self._decode_next()
+      if self.channels <= 2 and not self._pending:
+        raise ValueError("no samples decode")
+    except BaseException:
+      self._container.close()
+      raise
+
+  def _decode_next(self) -> list[np.ndarray]:
+    """The next decoded frame's samples as (channels, n) arrays; [] at the end."""
+    for frame in self._frames:
+      arrays = [f.to_ndarray().astype(np.float32, copy=False)
+                for f in self._resampler.resample(frame)]
+      arrays = [a for a in arrays if a.shape[1]]
+      if arrays:
+        return arrays
+    return []
+
+  def blocks(self, frames: int, path: str) -> Iterator[np.ndarray]:
+    pending, held, decoded = self._pending, sum(a.shape[1] for a in self._pending), 0
+    while True:
+      while held < frames:
+        try:
+          more = self._decode_next()
+        except Exception as e:  # pylint: disable=broad-except  (FFmpeg's errors mid-file)
+          logging.warning("%s: decoding stopped after %d frames (%s); separating those", path,
+                          decoded + held, e)
+          more = []
+          self._frames = iter(())
+        if not more:
+          break
+        pending += more
+        held += sum(a.shape[1] for a in more)
+      if not held:
+        return
+      joined = np.concatenate(pending, axis=1)
+      block, rest = joined[:, :frames], joined[:, frames:]
+      pending, held = ([rest] if rest.shape[1] else []), rest.shape[1]
+      decoded += block.shape[1]
+      yield np.ascontiguousarray(block)
+
+  def close(self):
+    self._container.close()
+
+
 class AudioReader:
-  """An input file opened for block reads: soundfile streams, librosa reads it whole.
+  """An input file opened for block reads: soundfile streams what libsndfile reads, PyAV the rest.
 
   Attributes: path, sample_rate, channels, frames (what the header or the decoder gives).
   Raises InputError naming the file for anything it cannot read.
@@ -119,7 +186,7 @@ class AudioReader:
     self.path = path
     self._file = None
     self._raw = None  # the patched file under a streamed WAV's SoundFile
-    self._data = None
+    self._decoder = None
     if os.path.getsize(path) == 0:
       raise InputError(f"{path}: empty file (0 bytes)")
     try:
@@ -132,18 +199,15 @@ class AudioReader:
         self._file, self._raw = streamed
         self.frames = self._file.frames
     except Exception as sf_error:  # pylint: disable=broad-except
+      self._file = None
       try:
-        import librosa
-        with warnings.catch_warnings():  # librosa warns before falling back to audioread
-          warnings.simplefilter("ignore")
-          data, rate = librosa.load(path, sr=None, mono=False)
+        self._decoder = _Decoder(path)
       except Exception as e:  # pylint: disable=broad-except
-        librosa_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise InputError(f"{path}: cannot read audio (soundfile: {sf_error}; librosa: "
-                         f"{librosa_error})") from None
-      self._data = np.atleast_2d(data).astype(np.float32)
-      self.sample_rate, self.channels = int(rate), self._data.shape[0]
-      self.frames = self._data.shape[1]
+        av_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise InputError(f"{path}: cannot read audio (soundfile: {sf_error}; FFmpeg: "
+                         f"{av_error})") from None
+      self.sample_rate, self.channels = self._decoder.sample_rate, self._decoder.channels
+      self.frames = max(self._decoder.frames, 1)  # it decoded samples on opening
     promised = wav_header_frames(path) if self._file is not None else None
     if promised is not None and promised > self.frames:
       logging.warning("%s: truncated file? its header promises %d frames, %d are there; "
@@ -161,9 +225,8 @@ class AudioReader:
     A file that decodes to fewer frames than its header promises (a truncated MP3 or FLAC) is
     separated as far as it decodes, with a warning; one that decodes nothing raises.
     """
-    if self._data is not None:
-      for i in range(0, self._data.shape[1], frames):
-        yield self._data[:, i:i + frames]
+    if self._decoder is not None:
+      yield from self._decoder.blocks(frames, self.path)
       return
     decoded = 0
     while True:
@@ -184,7 +247,6 @@ class AudioReader:
       yield np.ascontiguousarray(block.T)
 
   def close(self):
-    if self._file is not None:
-      self._file.close()
-    if self._raw is not None:
-      self._raw.close()
+    for opened in (self._file, self._raw, self._decoder):
+      if opened is not None:
+        opened.close()

@@ -49,9 +49,13 @@ class Experiment:
     self.eval_step = jax.jit(functools.partial(steps.eval_step, model=self.model))
 
   def init_state(self) -> steps.TrainState:
-    """The step-0 state (host arrays) for `config.seed`."""
+    """The step-0 state (host arrays) for `config.seed`: fresh parameters, or those of
+    `config.init_from` (a registered model name, a PyTorch .ckpt or an export) with a fresh
+    optimiser state and the EMA starting from them."""
     rng, init_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
-    params = init_params(self.model_config, init_rng)
+    source = self.config.get("init_from")
+    params = (pretrained_params(source, self.model_config) if source
+              else init_params(self.model_config, init_rng))
     return jax.device_get(steps.TrainState.create(params, self.optimizer, rng))
 
   def abstract_state(self) -> Any:
@@ -65,6 +69,22 @@ class Experiment:
     """`validation.validate` of this experiment's model with `params` (host arrays)."""
     return validation.validate(self.config, self.eval_step, params,
                                self.model_config.sample_rate, warn=warn)
+
+
+def pretrained_params(source: str, config) -> Any:
+  """The parameters of `source` (a registered model name, a PyTorch .ckpt or an export) for a
+  model of `config`; CheckpointError in one line naming the keys or shapes that differ."""
+  from bsmamba2_jax import exports, registry  # pylint: disable=g-import-not-at-top
+  path = source if os.path.exists(os.path.expanduser(source)) else None
+  if path is None and source in registry.models():
+    path = registry.pretrained(source)
+  if path is None:
+    raise ValueError(f"config.init_from={source}: neither a file or folder nor a registered "
+                     f"model ({', '.join(sorted(registry.models()))})")
+  _, params = exports.load_model(os.path.expanduser(path))
+  exports.check_params(f"config.init_from={source}", config, params)
+  logging.info("starting from the weights of %s", source)
+  return jax.tree_util.tree_map(np.asarray, params)
 
 
 def replicate(tree: Any, devices: int) -> Any:
@@ -221,13 +241,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
   global_batch = config.train.per_device_batch_size * jax.device_count()
   manager = TrainingCheckpoints(os.path.join(workdir, workdir_lib.CHECKPOINTS),
                                 keep_last=config.keep_last, keep_best=config.keep_best)
-  state = experiment.init_state()
   elapsed_before = 0.0  # wall-clock seconds of the runs this one resumes
-  resumed = manager.restore_newest(state)
+  resumed = manager.restore_newest(experiment.abstract_state())
   if resumed is not None:
     state, meta = resumed
     elapsed_before = float(meta.get("elapsed_s", 0.0))
     logging.info("resumed from %s at step %d", manager.directory, meta["data_position"])
+  else:
+    state = experiment.init_state()
   step = int(state.step)
   lr_schedule = steps.learning_rate(config.optimizer,
                                     config.train.num_steps // config.optimizer.accumulate)

@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
       lr=5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip=3.0, warmup_steps=0,
       schedule="constant", no_decay_mask=False, accumulate=6))
   config.ema_decay = 0.999
+  # Fine-tuning: start from these weights (a registered model name, a PyTorch .ckpt or an
+  # export) with a fresh optimiser state; a resumed run keeps its own.
+  config.init_from = config_dict.placeholder(str)
 
   config.eval = ml_collections.ConfigDict(dict(
       segment_seconds=8.0, batch_size=4, max_examples=config_dict.placeholder(int)))
