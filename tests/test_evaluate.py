@@ -12,6 +12,7 @@ import soundfile as sf
 from bsmamba2_jax import evaluation
 from data_pipeline.musdb import MusdbDataset
 from data_pipeline.synthetic import generate_dataset
+from tests.random_models import tiny_export
 
 RATE = 44100
 
@@ -169,17 +170,8 @@ def test_output_folder_problems_fail_before_the_model_is_loaded(dataset, tmp_pat
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-  """A one-layer tiny model with random parameters, exported (no slow init)."""
-  import jax
-
-  from bsmamba2_jax.config import ModelConfig
-  from bsmamba2_jax.exports import save_inference
-  from bsmamba2_jax.model import abstract_params
-  config = ModelConfig.preset("tiny", depth=1)
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map(
-      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
-  return save_inference(str(tmp_path_factory.mktemp("model") / "export"), config, params)
+  """A one-layer tiny model with random parameters, exported."""
+  return tiny_export(str(tmp_path_factory.mktemp("model") / "export"))
 
 
 @pytest.mark.integration

@@ -10,6 +10,7 @@ import soundfile as sf
 
 from bsmamba2_jax.separate import separate_files
 from bsmamba2_jax.separator import Separator
+from tests.random_models import random_params, tiny_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = 44100
@@ -85,13 +86,11 @@ def test_precision_auto_computes_in_float32_on_a_cpu_whatever_the_model_was_trai
   import jax
 
   from bsmamba2_jax.config import ModelConfig
-  from bsmamba2_jax.model import BSMamba2, abstract_params
+  from bsmamba2_jax.model import BSMamba2
   if jax.default_backend() != "cpu":
     pytest.skip("auto is bfloat16 on accelerators")
   config = ModelConfig.preset("tiny", depth=1, dtype="bfloat16")
-  rng = np.random.default_rng(3)
-  params = jax.tree_util.tree_map(
-      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
+  params = random_params(config, seed=3)
   x = noise(2, 8000, seed=4)
   fp32 = BSMamba2(dataclasses.replace(config, dtype="float32"))
   expected = Separator.from_model(fp32, params, segment=0.1).separate(x, RATE)["vocals"]
@@ -103,16 +102,7 @@ def test_precision_auto_computes_in_float32_on_a_cpu_whatever_the_model_was_trai
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-  import jax
-
-  from bsmamba2_jax.config import ModelConfig
-  from bsmamba2_jax.exports import save_inference
-  from bsmamba2_jax.model import abstract_params
-  config = ModelConfig.preset("tiny", depth=1)
-  rng = np.random.default_rng(7)
-  params = jax.tree_util.tree_map(
-      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
-  return save_inference(str(tmp_path_factory.mktemp("model") / "export"), config, params)
+  return tiny_export(str(tmp_path_factory.mktemp("model") / "export"), seed=7)
 
 
 @pytest.mark.integration

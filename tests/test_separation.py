@@ -15,6 +15,7 @@ from bsmamba2_jax import separate, separator
 from bsmamba2_jax.audio_io import paths, reader as audio_reader
 from bsmamba2_jax.errors import InputError
 from bsmamba2_jax.separator import Separator
+from tests.random_models import random_params
 
 RATE = 44100
 
@@ -589,16 +590,11 @@ def test_clipping_is_reported_not_rescaled(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  """A one-layer tiny model with random parameters (shapes from eval_shape: no slow init)."""
-  import jax
-
-  from bsmamba2_jax.model import abstract_params
-  from bsmamba2_jax.model import BSMamba2, ModelConfig
+  """A one-layer tiny model with random parameters."""
+  from bsmamba2_jax.config import ModelConfig
+  from bsmamba2_jax.model import BSMamba2
   config = ModelConfig.preset("tiny", depth=1)
-  rng = np.random.default_rng(7)
-  params = jax.tree_util.tree_map(
-      lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
-  return BSMamba2(config), params
+  return BSMamba2(config), random_params(config, seed=7)
 
 
 @pytest.mark.parametrize("rate,channels,overlap", [(44100, 2, 0.25), (48000, 1, 0.0),

@@ -16,8 +16,10 @@ from typing import Sequence
 
 from bsmamba2_jax.errors import InputError
 
+# What folder and glob searches take as audio: libsndfile's formats, then FFmpeg's (PyAV).
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
-                    ".aifc", ".m4a")
+                    ".aifc", ".m4a", ".mp4", ".aac", ".webm", ".weba", ".mka", ".wma",
+                    ".alac", ".ac3", ".caf")
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 # Output template fields: the input's name without extension, its extension, the name of its
 # folder, the stem and the output extension (the first two and the last two as in demucs).

@@ -7,10 +7,9 @@ Paper shapes (one 8-s example): the time path scans 62 sequences × 801 steps, t
 time path) and "associative" materialises all of them even forward, so these rows run on as
 many sequences as `state_budget_bytes` allows (8 GB, less where less memory is free) and their
 times are scaled linearly to the full batch (column `batch` gives the measured batch, `full_s`
-the scaled median). Scaling favours them, so the budget is as large as the machine allows: per
-sequence, "sequential" fwd+bwd on the time path took 0.30 s at 3 sequences (the old 2-GB
-budget; two runs) and 0.32-0.43 s at 12, and its fwd 8 ms at 12 and 20-55 ms at all 62 (medians of separate
-runs, 2-core VM, 2026-11-25/26). "chunked" and "sequential" fwd always run the full batch.
+the scaled median). Scaling favours them (a sub-batch runs faster per sequence than the whole
+batch would), so the budget is as large as the machine allows (docs/performance.md).
+"chunked" and "sequential" fwd always run the full batch.
 A chunk-size sweep of "chunked" fwd+bwd on `sweep_batch` time-path sequences closes the section.
 """
 from __future__ import annotations
@@ -32,9 +31,8 @@ SETTINGS = {  # per mode: paths (name, sequences, steps) and the chunk-size swee
                  sweep_chunks=(16, 32, 64, 128, 256), sweep_batch=62, sweep_steps=801),
 }
 # Methods are timed lightest first: a row timed right after "sequential" or "associative" freed
-# their gigabytes of per-step states ran slower ("chunked" fwd+bwd at 62 x 801: 2.05-2.37 s in
-# a fresh process, 2.05-3.6 s right after "sequential" fwd+bwd on 12 sequences, 2-core VM,
-# 2026-11-26), as the kernel then compacts memory to hand out huge pages again.
+# their gigabytes of per-step states ran slower, as the kernel then compacts memory to hand out
+# huge pages again (docs/performance.md §1).
 MEASUREMENT_ORDER = ("chunked", "associative", "sequential")
 TABLE_ORDER = ("sequential", "associative", "chunked")  # the speed-ups' reference first
 STATES_PER_STEP = {  # per-step full states held, per sequence, by method and direction
