@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bsmamba2_jax import stft
 from bsmamba2_jax.config import ModelConfig
@@ -206,6 +207,18 @@ def abstract_params(config: ModelConfig) -> dict:
   dummy = jax.ShapeDtypeStruct((1, config.audio_channels, config.n_fft), jnp.float32)
   return jax.eval_shape(lambda rng, a: BSMamba2(config).init(rng, a)["params"],
                         jax.random.PRNGKey(0), dummy)
+
+
+def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.1) -> dict:
+  """Parameters of `BSMamba2(config)` drawn i.i.d. N(0, scale²) in NumPy (fp32).
+
+  For tests and benchmarks that need a model of the right shapes but not a trained or initialised
+  one: no model compile, and the same values on every backend for a given `seed`.
+  """
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32),
+      abstract_params(config))
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:

@@ -1,17 +1,7 @@
-"""Models with random parameters for tests that need a model but not a trained one: shapes from
-`abstract_params` (no slow init), N(0, scale²) values."""
-import jax
-import numpy as np
-
+"""Exported models with random parameters, for tests that need a model folder but not a trained
+model (`model.random_params`: shapes from `abstract_params`, no slow init)."""
 from bsmamba2_jax.config import ModelConfig
-from bsmamba2_jax.model import abstract_params
-
-
-def random_params(config: ModelConfig, seed: int = 0, scale: float = 0.1) -> dict:
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32),
-      abstract_params(config))
+from bsmamba2_jax.model import random_params
 
 
 def tiny_export(folder: str, seed: int = 0, **fields) -> str:

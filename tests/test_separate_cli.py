@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from bsmamba2_jax.model import random_params
 from bsmamba2_jax.separate import separate_files
 from bsmamba2_jax.separator import Separator
-from tests.random_models import random_params, tiny_export
+from tests.random_models import tiny_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = 44100

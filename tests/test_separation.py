@@ -14,8 +14,8 @@ import soxr
 from bsmamba2_jax import separate, separator
 from bsmamba2_jax.audio_io import paths, reader as audio_reader
 from bsmamba2_jax.errors import InputError
+from bsmamba2_jax.model import random_params
 from bsmamba2_jax.separator import Separator
-from tests.random_models import random_params
 
 RATE = 44100
 

@@ -26,17 +26,6 @@ def _chunks(seconds: float) -> int:
   return 1 + int(np.ceil(max(0.0, seconds - SEGMENT) / hop))
 
 
-def _random_params(config, seed=0):
-  """Parameters of the right shapes, N(0, 0.02²): the timing does not depend on their values."""
-  import jax
-
-  from bsmamba2_jax.model import abstract_params
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32),
-      abstract_params(config))
-
-
 MODES = ("smoke", "default", "full", "gpu")
 
 
@@ -44,12 +33,14 @@ def _row(preset: str, seconds: float, dtype: str = "float32", repeats: int = 1,
          outputs: dict | None = None) -> dict:
   """One timed separation; the vocals of the last call go to `outputs[dtype]` if given."""
   from bsmamba2_jax.config import ModelConfig
-  from bsmamba2_jax.model import BSMamba2
+  from bsmamba2_jax.model import BSMamba2, random_params
   from bsmamba2_jax.separator import Separator
 
   config = ModelConfig.preset(preset, dtype=dtype)
-  separator = Separator.from_model(BSMamba2(config), _random_params(config), segment=SEGMENT,
-                                   overlap=OVERLAP, batch_size=1)
+  # The timing does not depend on the parameters' values.
+  params = random_params(config, scale=0.02)
+  separator = Separator.from_model(BSMamba2(config), params, segment=SEGMENT, overlap=OVERLAP,
+                                   batch_size=1)
   audio = (0.1 * np.random.default_rng(0).standard_normal((2, int(seconds * 44100))))
   audio = audio.astype(np.float32)
   start = time.perf_counter()
