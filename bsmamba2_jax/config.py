@@ -16,9 +16,13 @@ from typing import Any
 PAPER_BAND_WIDTHS: tuple[int, ...] = (
     (2,) * 24 + (4,) * 12 + (12,) * 8 + (24,) * 8 + (48,) * 8 + (128, 129))
 
-# "auto": float32 on CPU, where XLA:CPU runs this model's bf16 step slower than fp32, and
-# bfloat16 on accelerators (docs/performance.md).
-DTYPES = ("float32", "bfloat16", "auto")
+# "float32": everything in float32. "bfloat16": matmuls and the conv in bfloat16, their results
+# too (the accelerator training mode). "mixed": matmuls take bfloat16 operands and accumulate and
+# return float32, everything else float32 (inference on CPUs with bf16 dot units, and anywhere
+# exactness matters more than activation memory). "auto" for training: float32 on CPU, where
+# XLA:CPU runs this model's bf16 step slower than fp32, bfloat16 on accelerators
+# (docs/performance.md); inference resolves its own "auto" (`inference_dtype`).
+DTYPES = ("float32", "bfloat16", "mixed", "auto")
 SCAN_METHODS = ("chunked", "associative", "sequential")
 # Fields that change the computation, not the weights.
 COMPUTE_FIELDS = ("dtype", "scan_method", "chunk_size", "remat")
@@ -39,8 +43,8 @@ def default_band_widths(n_fft: int) -> tuple[int, ...]:
 
 
 def resolve_dtype(dtype: str, backend: str | None = None) -> str:
-  """`dtype` ("float32", "bfloat16" or "auto") as the dtype computed in on `backend` (a JAX
-  backend name; default: JAX's default backend)."""
+  """`dtype` (one of DTYPES) as the mode computed in on `backend` (a JAX backend name; default:
+  JAX's default backend); "auto" is the training choice."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
   if dtype != "auto":
@@ -51,13 +55,36 @@ def resolve_dtype(dtype: str, backend: str | None = None) -> str:
   return "float32" if backend == "cpu" else "bfloat16"
 
 
+def inference_dtype(precision: str, platform: str, cpu_bf16_dots: bool | None = None) -> str:
+  """The compute mode for separating with `precision` ("auto", "float32", "bfloat16" or
+  "mixed") on a device of `platform` ("cpu", "gpu", ...).
+
+  "bfloat16" means bf16 operands with float32 accumulation ("mixed") for inference: activation
+  memory is small there, and on XLA:CPU a dot that returns bf16 runs slower than one that
+  returns float32. "auto" is "mixed" on accelerators and on CPUs with native bf16 dot
+  instructions (`cpu_bf16_dots`, default: `runtime.cpu_has_bf16_dots()`), else "float32".
+  """
+  if precision not in DTYPES:
+    raise ValueError(f"precision must be one of {DTYPES}, got {precision!r}")
+  if precision in ("bfloat16", "mixed"):
+    return "mixed"
+  if precision == "float32":
+    return "float32"
+  if platform != "cpu":
+    return "mixed"
+  if cpu_bf16_dots is None:
+    from bsmamba2_jax import runtime  # pylint: disable=g-import-not-at-top
+    cpu_bf16_dots = runtime.cpu_has_bf16_dots()
+  return "mixed" if cpu_bf16_dots else "float32"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Every hyperparameter of BSMamba2. `ModelConfig.preset(name, **fields)` gives named sizes.
 
-  dtype: the compute dtype of matmuls and convolutions ("float32", "bfloat16", or "auto", see
-  `resolve_dtype`); parameters, the residual stream, norms, the STFT and the scan's decay math
-  stay float32 in every case.
+  dtype: how matmuls and the conv compute (one of DTYPES: "float32", "bfloat16", "mixed" or
+  "auto", see `resolve_dtype`); parameters, the residual stream, norms, the STFT and the scan's
+  decay math and states stay float32 in every case.
   remat: recompute each bidirectional block in the backward pass (`jax.checkpoint`) instead of
   storing its activations, except what `model.REMAT_POLICY` keeps; what it saves and costs is
   in docs/performance.md.
@@ -151,8 +178,15 @@ class ModelConfig:
     return dataclasses.replace(self, **fields)
 
   @property
-  def compute_dtype(self):
-    """The jnp dtype of the matmuls (resolving "auto" on JAX's backend)."""
+  def operand_dtype(self):
+    """The jnp dtype of the projections' operands (resolving "auto" on JAX's backend)."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    return jnp.float32 if resolve_dtype(self.dtype) == "float32" else jnp.bfloat16
+
+  @property
+  def activation_dtype(self):
+    """The jnp dtype of the projections' results, the conv and the per-band matmuls (batched
+    dots, which XLA:CPU cannot run bf16 x bf16 -> float32): bfloat16 only for "bfloat16"."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     return jnp.bfloat16 if resolve_dtype(self.dtype) == "bfloat16" else jnp.float32
 
@@ -161,7 +195,8 @@ class ModelConfig:
     """Keyword arguments of `mamba2.Mamba2` (besides d_model)."""
     return dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
                 headdim=self.headdim, ngroups=self.ngroups, scan_method=self.scan_method,
-                chunk_size=self.chunk_size, dtype=self.compute_dtype)
+                chunk_size=self.chunk_size, dtype=self.operand_dtype,
+                result_dtype=self.activation_dtype)
 
 
 PRESETS: dict[str, dict] = {

@@ -4,8 +4,10 @@ Shapes: b batch, l sequence length, d model width, h heads, p head dim, g groups
 Parameter names follow the official state_dict (docs/model.md §8), so that `convert.py` stays a
 table:
 `norm.weight`, `mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj}`, `linear`.
-Parameters are fp32; `dtype` is the compute dtype of the matmuls and the conv. dt, A and the scan
-state stay fp32 (the scan upcasts; `ssd_scan` keeps the output in x's dtype).
+Parameters are fp32; `dtype` is the operand dtype of the projections and `result_dtype` that of
+their results and of the conv (bf16 operands with float32 results: the "mixed" mode, see
+`config.DTYPES`). dt, A and the scan state stay fp32 (the scan upcasts; `ssd_scan` keeps the
+output in x's dtype).
 """
 from __future__ import annotations
 
@@ -67,10 +69,15 @@ broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
 
 
 def torch_dense(features: int, fan_in: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
-                name: str | None = None) -> nn.Dense:
-  """`nn.Dense` initialised like `torch.nn.Linear(fan_in, features)`."""
+                result_dtype: Dtype | None = None, name: str | None = None) -> nn.Dense:
+  """`nn.Dense` initialised like `torch.nn.Linear(fan_in, features)`, with operands in `dtype`;
+  a wider `result_dtype` makes the dot accumulate and return in it (bf16 -> float32)."""
+  dot_general = jax.lax.dot_general
+  if result_dtype is not None and jnp.dtype(result_dtype) != jnp.dtype(dtype):
+    dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=result_dtype)
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in), name=name)
+                  kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in),
+                  dot_general=dot_general, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -160,6 +167,7 @@ class Mamba2(nn.Module):
   scan_method: str = "chunked"
   chunk_size: int = 64
   dtype: Dtype = jnp.float32
+  result_dtype: Dtype | None = None   # None: dtype
 
   @nn.compact
   def __call__(self, u: jax.Array) -> jax.Array:
@@ -173,11 +181,12 @@ class Mamba2(nn.Module):
     bc_width = self.ngroups * self.d_state
     batch, length, _ = u.shape
 
+    result_dtype = self.dtype if self.result_dtype is None else self.result_dtype
     zxbcdt = torch_dense(2 * d_inner + 2 * bc_width + nheads, self.d_model, use_bias=False,
-                         dtype=self.dtype, name="in_proj")(u)
+                         dtype=self.dtype, result_dtype=result_dtype, name="in_proj")(u)
     z, xbc, dt_raw = jnp.split(zxbcdt, [d_inner, 2 * d_inner + 2 * bc_width], axis=-1)
 
-    xbc = jax.nn.silu(CausalDepthwiseConv(self.d_conv, dtype=self.dtype, name="conv1d")(xbc))
+    xbc = jax.nn.silu(CausalDepthwiseConv(self.d_conv, dtype=result_dtype, name="conv1d")(xbc))
     x, b_mat, c_mat = jnp.split(xbc, [d_inner, d_inner + bc_width], axis=-1)
 
     dt_bias = self.param("dt_bias", _dt_bias_init(), (nheads,), jnp.float32)
@@ -193,7 +202,8 @@ class Mamba2(nn.Module):
         d_skip, method=self.scan_method, chunk_size=self.chunk_size)
     y = checkpoint_name(y.reshape(batch, length, d_inner), SCAN_OUTPUT)
     y = GatedRMSNorm(group_size=d_inner // self.ngroups, name="norm")(y, z)
-    out = torch_dense(self.d_model, d_inner, use_bias=False, dtype=self.dtype, name="out_proj")(y)
+    out = torch_dense(self.d_model, d_inner, use_bias=False, dtype=self.dtype,
+                      result_dtype=result_dtype, name="out_proj")(y)
     return checkpoint_name(out, MIXER_OUTPUT)
 
 
@@ -231,6 +241,7 @@ class BiMamba2Block(nn.Module):
   """
   mixer: dict
   dtype: Dtype = jnp.float32
+  result_dtype: Dtype | None = None   # of the merge Dense; None: dtype
 
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -239,6 +250,7 @@ class BiMamba2Block(nn.Module):
     fwd = MambaBlock(self.mixer, name="forward")(x)
     bwd = reverse_valid(MambaBlock(self.mixer, name="backward")(reverse_valid(x, lengths)), lengths)
     # A torch ConvTranspose1d(2d, d, 1): its default init takes fan_in from weight.shape[1] = d.
-    merged = torch_dense(dim, dim, dtype=self.dtype, name="linear")(
+    merged = torch_dense(dim, dim, dtype=self.dtype, result_dtype=self.result_dtype,
+                         name="linear")(
         jnp.concatenate([fwd, bwd], axis=-1))
     return x + merged.astype(x.dtype)

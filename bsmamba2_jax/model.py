@@ -9,6 +9,7 @@ Feature order inside a band (the official one): frequency-major with channels in
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any
 
@@ -154,8 +155,9 @@ class DualPathLayer(nn.Module):
     """x: (b, t, k, d) -> (b, t, k, d)."""
     block = (nn.remat(BiMamba2Block, policy=REMAT_POLICY) if self.config.remat
              else BiMamba2Block)
+    block = functools.partial(block, result_dtype=self.config.activation_dtype)
     b, t, k, d = x.shape
-    mixer, dtype = self.config.mixer, self.config.compute_dtype
+    mixer, dtype = self.config.mixer, self.config.operand_dtype
     along_time = x.transpose(0, 2, 1, 3).reshape(b * k, t, d)
     along_time = block(mixer, dtype, name="time")(along_time)
     x = along_time.reshape(b, k, t, d).transpose(0, 2, 1, 3)
@@ -170,14 +172,14 @@ class BSMamba2(nn.Module):
   def estimate_mask(self, spec: jax.Array) -> jax.Array:
     """spec: (b, c, f, t) complex mixture STFT -> complex mask of the same shape."""
     cfg = self.config
-    x = BandSplit(cfg.band_widths, cfg.audio_channels, cfg.dim, dtype=cfg.compute_dtype,
+    x = BandSplit(cfg.band_widths, cfg.audio_channels, cfg.dim, dtype=cfg.activation_dtype,
                   name="band_split")(spectrum_to_features(spec))
     x = x.astype(jnp.float32)  # the residual stream stays fp32; matmuls run in compute dtype
     for i in range(cfg.depth):
       x = DualPathLayer(cfg, name=f"layers_{i}")(x)
     x = BandRMSNorm(name="final_norm")(x)
     mask = MaskEstimator(cfg.band_widths, cfg.audio_channels, cfg.mask_hidden_mult,
-                         dtype=cfg.compute_dtype, name="mask_estimator")(x)
+                         dtype=cfg.activation_dtype, name="mask_estimator")(x)
     return features_to_spectrum(mask, cfg.audio_channels)
 
   def masked_istft(self, spec: jax.Array, mask: jax.Array, length: int) -> jax.Array:

@@ -46,6 +46,39 @@ def xla_flags(flags: str, jaxlib_version: str | None) -> str:
   return f"{flags} {YNN_FLAG}=".strip()
 
 
+# CPU feature flags that mean native bf16 dot products: AVX512_BF16 and AMX on x86 (Linux's
+# /proc/cpuinfo names), the BF16 extension on Arm (Linux "bf16", macOS FEAT_BF16).
+BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+  """The feature flags of a /proc/cpuinfo text (x86 "flags", Arm "Features" lines)."""
+  flags: set[str] = set()
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip().lower() in ("flags", "features"):
+      flags.update(value.split())
+  return flags
+
+
+def cpu_has_bf16_dots() -> bool:
+  """Whether this machine's CPU has native bf16 dot instructions (False when it cannot tell)."""
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      return bool(cpu_flags(f.read()) & BF16_DOT_FLAGS)
+  except OSError:
+    pass
+  if sys.platform == "darwin":
+    import subprocess  # pylint: disable=g-import-not-at-top
+    try:
+      out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True,
+                           text=True, timeout=5, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+      return False
+    return out.strip() == "1"
+  return False
+
+
 def compilation_cache_dir(environ: Mapping[str, str]) -> str | None:
   """The folder of the persistent compilation cache under `environ`, or None to leave JAX's
   setting alone (turned off, or JAX_COMPILATION_CACHE_DIR set)."""

@@ -151,6 +151,7 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
     else:
       raise ValueError("give a checkpoint (export or PyTorch .ckpt), a model name or a "
                        "separator")
+    logging.info("computing in %s (--precision %s)", separator.dtype, precision)
   sources = {os.path.realpath(p): p for p in paths}
   claimed = {}  # output path -> the input that writes it in this run
   for path in paths:

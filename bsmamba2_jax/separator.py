@@ -175,7 +175,8 @@ class Separator:
   `fixed_batch=False` a last batch of k < batch_size chunks is padded only to the next power of
   two: a short file then costs what it holds, not a whole batch, for at most log2(batch_size)
   more compiled shapes (`from_model` does this). `shortest_segment`: the shortest chunk in
-  seconds it accepts (a model's: one STFT window).
+  seconds it accepts (a model's: one STFT window). `dtype`: the compute mode of a model's
+  separator (`from_model`: "float32", "mixed" or "bfloat16"), None for a bare `model_fn`.
   """
 
   def __init__(self, model_fn: ChunkFn, *, sample_rate: int = MODEL_RATE,
@@ -200,6 +201,7 @@ class Separator:
     self.overlap = overlap
     self.batch_size = batch_size
     self.fixed_batch = fixed_batch
+    self.dtype: str | None = None
     self.segment_samples = int(round(segment * sample_rate))
     self.overlap_samples = int(round(overlap * self.segment_samples))
     if self.overlap_samples >= self.segment_samples:
@@ -210,18 +212,20 @@ class Separator:
                  **kwargs) -> "Separator":
     """A separator around a `BSMamba2` module and its params, jitted per batch shape.
 
-    precision: None keeps the model's dtype; "float32", "bfloat16", or "auto" (float32 on a CPU,
-    bfloat16 on an accelerator, decided by the device that runs it). device: "cpu", "gpu",
-    "gpu:N" (or any JAX platform name), None for JAX's default device.
+    precision: None keeps the model's dtype; "auto", "float32", "bfloat16" or "mixed" as
+    `config.inference_dtype` resolves them on the device that runs it ("auto": bf16 operands
+    with float32 accumulation on accelerators and on CPUs with bf16 dot units, else float32;
+    the separator's `dtype` says which). device: "cpu", "gpu", "gpu:N" (or any JAX platform
+    name), None for JAX's default device.
     """
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-    from bsmamba2_jax.config import resolve_dtype  # pylint: disable=g-import-not-at-top
+    from bsmamba2_jax.config import inference_dtype  # pylint: disable=g-import-not-at-top
 
     target = jax_device(device)
     if precision is not None:
-      dtype = resolve_dtype(precision, target.platform)
+      dtype = inference_dtype(precision, target.platform)
       model = model.clone(config=model.config.with_compute(dtype=dtype))
     config = model.config
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
@@ -231,14 +235,15 @@ class Separator:
       return np.asarray(apply(params, jax.device_put(jnp.asarray(chunks, jnp.float32), target)))
 
     kwargs.setdefault("fixed_batch", False)  # jit compiles each batch shape on first use
-    return cls(model_fn, sample_rate=config.sample_rate,
-               channels=config.audio_channels,
-               shortest_segment=config.n_fft / config.sample_rate, **kwargs)
+    separator = cls(model_fn, sample_rate=config.sample_rate, channels=config.audio_channels,
+                    shortest_segment=config.n_fft / config.sample_rate, **kwargs)
+    separator.dtype = config.dtype
+    return separator
 
   @classmethod
   def from_checkpoint(cls, path: str, *, precision: str = "auto", **kwargs) -> "Separator":
     """A separator from an export directory or an official PyTorch checkpoint; `precision`
-    "auto" computes in float32 on a CPU whatever dtype the model was trained in."""
+    (see `from_model`) applies whatever dtype the model was trained in."""
     from bsmamba2_jax import exports  # pylint: disable=g-import-not-at-top
 
     jax_device(kwargs.get("device"))  # a missing device is said before the model loads

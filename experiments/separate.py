@@ -46,8 +46,9 @@ _QUALITY = flags.DEFINE_float("quality", 0.8, "mp3/ogg/opus quality in [0, 1] (1
 _DEVICE = flags.DEFINE_string("device", None, "cpu, gpu or gpu:N (default: JAX's first device).")
 _PRECISION = flags.DEFINE_enum(
     "precision", "auto", ["auto", "float32", "bfloat16"],
-    "Matmul precision; auto is float32 on a CPU and bfloat16 on an accelerator, whatever the "
-    "model was trained in.")
+    "How the matmuls compute, whatever the model was trained in: bfloat16 takes bf16 "
+    "operands and accumulates in float32 (docs/separation.md); auto is that on a GPU "
+    "and on a CPU with bf16 dot units (AVX512_BF16, AMX, Arm BF16), float32 elsewhere.")
 _SEGMENT = flags.DEFINE_float("segment", 8.0, "Chunk length in seconds.")
 _OVERLAP = flags.DEFINE_float(
     "overlap", 0.25, "Chunk overlap fraction in [0, 1); 0 is the official non-overlapping mode.")

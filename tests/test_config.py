@@ -2,7 +2,8 @@
 import pytest
 
 from bsmamba2_jax.config import (COMPUTE_FIELDS, PAPER_BAND_WIDTHS, ModelConfig,
-                                 default_band_widths, model_settings, resolve_dtype)
+                                 default_band_widths, inference_dtype, model_settings,
+                                 resolve_dtype)
 
 
 def test_band_widths():
@@ -62,3 +63,26 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators():
     resolve_dtype("fp16")
   with pytest.raises(ValueError, match="dtype must be one of"):
     ModelConfig(dtype="fp16")
+
+
+@pytest.mark.parametrize("precision,platform,bf16_dots,expected", [
+    ("auto", "cpu", True, "mixed"), ("auto", "cpu", False, "float32"),
+    ("auto", "gpu", False, "mixed"), ("auto", "tpu", None, "mixed"),
+    ("bfloat16", "cpu", False, "mixed"), ("mixed", "gpu", None, "mixed"),
+    ("float32", "gpu", True, "float32"), ("float32", "cpu", True, "float32")])
+def test_inference_precision_takes_bf16_operands_where_the_device_has_bf16_dots(
+    precision, platform, bf16_dots, expected):
+  assert inference_dtype(precision, platform, bf16_dots) == expected
+
+
+def test_operand_and_result_dtypes_of_each_mode():
+  import jax.numpy as jnp
+  modes = {d: ModelConfig.preset("tiny", dtype=d) for d in ("float32", "mixed", "bfloat16")}
+  assert modes["float32"].operand_dtype == jnp.float32
+  assert modes["float32"].activation_dtype == jnp.float32
+  assert modes["mixed"].operand_dtype == jnp.bfloat16
+  assert modes["mixed"].activation_dtype == jnp.float32
+  assert modes["bfloat16"].operand_dtype == jnp.bfloat16
+  assert modes["bfloat16"].activation_dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="precision must be one of"):
+    inference_dtype("half", "cpu", True)

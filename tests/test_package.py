@@ -230,3 +230,15 @@ def test_help_lists_each_launchers_path_flags(launcher, names):
   assert proc.returncode == 0  # --help is not an error
   for name in names:
     assert re.search(rf"\n  (-\w,)?--{name}: ", proc.stdout), proc.stdout
+
+
+@pytest.mark.parametrize("cpuinfo,expected", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\nbogomips : 1\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_tile amx_bf16\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n", False),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU part\t: 0xd40\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n", False),
+    ("", False)])
+def test_bf16_dot_units_are_read_from_the_cpu_flags(cpuinfo, expected):
+  assert bool(runtime.cpu_flags(cpuinfo) & runtime.BF16_DOT_FLAGS) is expected
+  assert isinstance(runtime.cpu_has_bf16_dots(), bool)

@@ -81,24 +81,29 @@ def test_an_m4a_is_read_in_blocks_without_a_system_ffmpeg(tmp_path):
     AudioReader(str(garbage))
 
 
-def test_precision_auto_computes_in_float32_on_a_cpu_whatever_the_model_was_trained_in():
+@pytest.mark.parametrize("bf16_dots", [False, True])
+def test_precision_auto_on_a_cpu_ignores_what_the_model_was_trained_in(monkeypatch, bf16_dots):
+  """A bf16-trained model separates in float32 on a CPU without bf16 dot units and in "mixed"
+  (bf16 operands, float32 results) on one with them; None keeps the model's bf16."""
   import dataclasses
 
-  import jax
-
+  from bsmamba2_jax import runtime
   from bsmamba2_jax.config import ModelConfig
   from bsmamba2_jax.model import BSMamba2
-  if jax.default_backend() != "cpu":
-    pytest.skip("auto is bfloat16 on accelerators")
+  monkeypatch.setattr(runtime, "cpu_has_bf16_dots", lambda: bf16_dots)
   config = ModelConfig.preset("tiny", depth=1, dtype="bfloat16")
   params = random_params(config, seed=3)
   x = noise(2, 8000, seed=4)
-  fp32 = BSMamba2(dataclasses.replace(config, dtype="float32"))
-  expected = Separator.from_model(fp32, params, segment=0.1).separate(x, RATE)["vocals"]
-  auto = Separator.from_model(BSMamba2(config), params, segment=0.1, precision="auto")
-  np.testing.assert_array_equal(auto.separate(x, RATE)["vocals"], expected)
-  kept = Separator.from_model(BSMamba2(config), params, segment=0.1)  # None: the model's bf16
-  assert not np.array_equal(kept.separate(x, RATE)["vocals"], expected)
+  resolved = "mixed" if bf16_dots else "float32"
+  direct = BSMamba2(dataclasses.replace(config, dtype=resolved))
+  expected = Separator.from_model(direct, params, segment=0.1, device="cpu").separate(x, RATE)
+  auto = Separator.from_model(BSMamba2(config), params, segment=0.1, precision="auto",
+                              device="cpu")
+  assert auto.dtype == resolved
+  np.testing.assert_array_equal(auto.separate(x, RATE)["vocals"], expected["vocals"])
+  kept = Separator.from_model(BSMamba2(config), params, segment=0.1, device="cpu")
+  assert kept.dtype == "bfloat16"
+  assert not np.array_equal(kept.separate(x, RATE)["vocals"], expected["vocals"])
 
 
 @pytest.fixture(scope="module")

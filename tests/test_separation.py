@@ -5,6 +5,7 @@ overlap-add with the documented window) or come from soxr's one-shot resampler.
 """
 import glob
 import os
+import re
 
 import numpy as np
 import pytest
@@ -618,6 +619,38 @@ def test_model_with_all_ones_mask_reproduces_input(rate, channels, overlap):
     np.testing.assert_allclose(out, x, atol=2e-5)
 
 
+def _sdr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
+  return float(20 * np.log10(np.linalg.norm(reference) / np.linalg.norm(reference - estimate)))
+
+
+def test_mixed_precision_stays_within_40_db_of_float32_on_a_song():
+  """The official micro checkpoint (converted) on a synthesized song: "mixed" (bf16 operands,
+  float32 accumulation) against float32, and its projections really take bf16 operands."""
+  import jax
+  import jax.numpy as jnp
+
+  from bsmamba2_jax.exports import load_torch_checkpoint
+  from bsmamba2_jax.model import BSMamba2
+  from data_pipeline.songs import synthesize_track
+  config, params = load_torch_checkpoint(
+      os.path.join(os.path.dirname(__file__), "data", "official_micro.ckpt"), hop_length=64)
+  song = synthesize_track(3, 1, 0, 6.0, 1.0)["mixture"]
+  out = {}
+  for precision in ("float32", "mixed"):
+    sep = Separator.from_model(BSMamba2(config), params, precision=precision, segment=2.0)
+    assert sep.dtype == precision
+    out[precision] = sep.separate(song, RATE)
+  for stem, reference in out["float32"].items():
+    assert 40 < _sdr_db(reference, out["mixed"][stem]) < 120, stem  # close, and not float32
+  mixed = BSMamba2(config.with_compute(dtype="mixed"))
+  hlo = jax.jit(lambda p, x: mixed.apply({"params": p}, x)).lower(
+      params, jnp.zeros((1, 2, 4096), jnp.float32)).as_text()
+  bf16_dots = re.findall(r"stablehlo.dot_general.*\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> "
+                         r"tensor<[^>]*f32>", hlo)
+  # Per layer, two paths of two mixers (in_proj, out_proj) and a merge linear.
+  assert len(bf16_dots) == 2 * (2 * 2 + 1) * config.depth
+
+
 def test_model_segment_must_hold_one_stft_window(tiny_model):
   model, params = tiny_model
   shortest = model.config.n_fft / model.config.sample_rate
@@ -643,7 +676,7 @@ def test_cli_separates_good_files_and_fails_on_bad_ones(tmp_path, tiny_model):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.separate", f"--checkpoint={export}",
        f"--input={tmp_path / 'in'}", f"--output_dir={out_dir}", "--segment=0.1",
-       "--overlap=0", "--bit_depth=32f", "--noprogress"],
+       "--overlap=0", "--bit_depth=32f", "--precision=float32", "--noprogress"],
       capture_output=True, text=True, timeout=300,
       env={**os.environ, "BSMAMBA2_COMPILATION_CACHE": str(tmp_path / "xla"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
