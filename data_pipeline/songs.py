@@ -24,14 +24,17 @@ SOURCES = ("vocals", "drums", "bass", "other")
 _SCALES = (np.array([0, 2, 4, 5, 7, 9, 11]), np.array([0, 2, 3, 5, 7, 8, 10]))  # major, minor
 _PROGRESSIONS = ((0, 4, 5, 3), (5, 3, 0, 4), (0, 5, 3, 4), (0, 3, 4, 4), (0, 3, 0, 4),
                  (5, 4, 3, 4), (0, 6, 5, 4))
-# Soprano vowel formants (Csound manual, "Formant values" appendix): frequencies (Hz),
-# bandwidths (Hz), levels (dB) of F1..F4 for a, e, i, o, u.
+# Soprano vowel formants (Csound manual, "Formant values" appendix): frequencies (Hz) and
+# bandwidths (Hz) of F1..F4 for a, e, i, o, u. The levels (dB) are ours: the table's F3/F4 sit
+# 20-40 dB below F1, a dull voice that the accompaniment buries above 1.2 kHz; these keep its
+# shape but raise F2-F4 to 6-20 dB below F1, like a close-miked pop vocal with its presence
+# region (2-4 kHz) level with the accompaniment (format version 3).
 _VOWEL_FREQ = np.array([[800, 1150, 2900, 3900], [350, 2000, 2800, 3600], [270, 2140, 2950, 3900],
                         [450, 800, 2830, 3800], [325, 700, 2700, 3800]], np.float64)
 _VOWEL_BW = np.array([[80, 90, 120, 130], [60, 100, 120, 150], [60, 90, 100, 120],
                       [70, 80, 100, 130], [50, 60, 170, 180]], np.float64)
-_VOWEL_DB = np.array([[0, -6, -32, -20], [0, -20, -15, -40], [0, -12, -26, -26],
-                      [0, -11, -21, -20], [0, -16, -35, -40]], np.float64)
+_VOWEL_DB = np.array([[0, -6, -14, -16], [0, -12, -10, -18], [0, -8, -12, -16],
+                      [0, -8, -14, -16], [0, -12, -16, -20]], np.float64)
 _KICKS = ((0, 8), (0, 6, 8), (0, 10), (0, 3, 8, 11), (0, 8, 10), (0, 7, 10))
 
 

@@ -27,7 +27,8 @@ from data_pipeline.songs import SAMPLE_RATE, SOURCES, synthesize_track
 
 MANIFEST = "synthetic_manifest.json"
 VALIDATION_LIST = "validation_tracks.txt"
-FORMAT_VERSION = 2  # 2: reverb tails of silence are exact zeros
+# 2: reverb tails of silence are exact zeros; 3: brighter vowel formants (songs._VOWEL_DB).
+FORMAT_VERSION = 3
 SPARSE_VOCAL_DENSITY = 0.2  # vocal density of the sparse-vocal test songs (every odd test track)
 
 
