@@ -6,6 +6,7 @@ All are ValueErrors: callers that only care about "bad input" catch that.
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -24,15 +25,21 @@ def one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def ignore_closed_event_loop_callbacks() -> None:
-  """Drops the `RuntimeError: Event loop is closed` that Orbax leaves after a failed restore.
+def ignore_abandoned_reads() -> None:
+  """Silences what Orbax's abandoned reads print after a failed restore has been reported.
 
   When one array of a checkpoint cannot be read, Orbax gives up and closes its event loop while
-  TensorStore is still reading the others; their completions then call into the closed loop, and
-  Python prints each failure as an unraisable exception with a traceback, after the one-line
-  error has been reported. Called once a restore has failed, this filters exactly those out of
-  `sys.unraisablehook` (keeping the previous hook for everything else) for the process's life.
+  TensorStore is still reading the others. Their completions then call into the closed loop
+  (Python prints each `RuntimeError: Event loop is closed` as an unraisable exception), and the
+  reads that failed as well end as tasks whose exception nobody retrieves (asyncio logs "Task
+  exception was never retrieved" with a traceback, whenever they are collected, even after the
+  one-line error). Called once a restore has failed, this filters exactly those two out, the
+  first from `sys.unraisablehook` (keeping the previous hook for everything else), the second
+  from the "asyncio" logger, for the process's life.
   """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _UnretrievedFilter) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_UnretrievedFilter())
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop_callbacks", False):
     return
@@ -44,3 +51,10 @@ def ignore_closed_event_loop_callbacks() -> None:
 
   hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+
+
+class _UnretrievedFilter(logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" records."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from bsmamba2_jax import atomic, convert, torch_files
 from bsmamba2_jax.config import ModelConfig
-from bsmamba2_jax.errors import CheckpointError, ignore_closed_event_loop_callbacks, one_line
+from bsmamba2_jax.errors import CheckpointError, ignore_abandoned_reads, one_line
 from bsmamba2_jax.model import BSMamba2, abstract_params
 
 EXPORT_FORMAT = "bsmamba2-jax-inference"
@@ -167,7 +167,7 @@ def load_inference(path: str) -> tuple[ModelConfig, Any, dict]:
   except CheckpointError:
     raise
   except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
-    ignore_closed_event_loop_callbacks()
+    ignore_abandoned_reads()
     raise CheckpointError(f"{params_path}: corrupted or unreadable parameters "
                           f"({one_line(e)})") from None
   return config, jax.tree_util.tree_map(jnp.asarray, params), metadata

@@ -134,3 +134,26 @@ def test_a_half_written_checkpoint_is_skipped(tmp_path, caplog):
   assert "20.orbax-checkpoint-tmp-1765000000: half written" in caplog.text
   manager.close()
   assert TrainingCheckpoints(tmp_path / "empty").restore_newest(_state()) is None
+
+
+def test_after_a_failed_restore_only_the_abandoned_reads_are_silenced(caplog, monkeypatch):
+  import logging
+  import sys
+
+  from bsmamba2_jax import errors
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+  asyncio_log = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_log, "filters", [])
+  errors.ignore_abandoned_reads()
+  errors.ignore_abandoned_reads()  # twice: one filter, one hook
+  assert len(asyncio_log.filters) == 1
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished>")
+    asyncio_log.error("Future exception was never retrieved")
+    asyncio_log.error("something else went wrong")
+  assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+  unraisable = lambda e: type("U", (), {"exc_value": e})()
+  sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+  sys.unraisablehook(unraisable(RuntimeError("another")))
+  assert [str(e) for e in seen] == ["another"]

@@ -166,14 +166,17 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, env, data_dir):
     export.export(str(reference), str(output))
 
 
-def _damage_arrays(step_folder):
-  """Flips a bit in every array file of a saved step (a restore raises nothing by itself)."""
+def _damage_arrays(step_folder, every=None):
+  """Flips a bit in every array file of a saved step (a restore raises nothing by itself): the
+  middle byte, or every `every`-th byte (then the files' index nodes break as well, and most
+  reads of the restore fail)."""
   for root, _, names in os.walk(os.path.join(step_folder, "state")):
     for name in names:
       if os.path.basename(root) == "d":
         path = os.path.join(root, name)
         data = bytearray(open(path, "rb").read())
-        data[len(data) // 2] ^= 0x10
+        for i in range(0, len(data), every) if every else [len(data) // 2]:
+          data[i] ^= 0x10
         open(path, "wb").write(bytes(data))
 
 
@@ -208,12 +211,13 @@ def test_resume_falls_back_past_a_damaged_checkpoint_or_stops_in_one_line(tmp_pa
     assert [int(r["step"]) for r in csv.DictReader(f) if r["loss"]] == [1, 2, 3, 4, 5, 6]
   assert sorted(os.listdir(checkpoints)) == ["2", "4", "4.damaged", "6"]
 
-  for step in ("2", "4", "6"):
-    _damage_arrays(checkpoints / step)
+  for step in ("2", "4", "6"):  # broken indices too: many failed reads, none may print after
+    _damage_arrays(checkpoints / step, every=97)
   stopped = launch("--config.train.num_steps=8")
   assert stopped.returncode == 1
   last = stopped.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"train: {checkpoints}: none of its 3 checkpoint(s) restores"), last
+  assert last.startswith(f"train: {checkpoints}: none of its 3 checkpoint(s) restores"), (
+      stopped.stderr[-5000:])
   assert "move the folder away or choose another --workdir" in last
   assert "Traceback" not in stopped.stderr
   assert sorted(os.listdir(checkpoints)) == ["2", "4", "4.damaged", "6"]

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from bsmamba2_jax.errors import CheckpointError, ignore_closed_event_loop_callbacks, one_line
+from bsmamba2_jax.errors import CheckpointError, ignore_abandoned_reads, one_line
 
 CHECKSUMS = "crc32"  # the meta entry holding {array path: CRC-32 of its bytes}
 # A step folder: "<step>", or "<step>.orbax-checkpoint-tmp-<n>" while (or if killed while) saving.
@@ -116,7 +116,7 @@ class TrainingCheckpoints:
                                         meta=ocp.args.JsonRestore()))
       state, meta = restored["state"], dict(restored["meta"])
     except Exception as e:  # Orbax / TensorStore / json raise many types for damaged files
-      ignore_closed_event_loop_callbacks()
+      ignore_abandoned_reads()
       raise CheckpointError(f"{folder}: cannot be restored ({one_line(e)})") from None
     expected = meta.pop(CHECKSUMS, None)
     if expected is not None:
