@@ -24,8 +24,10 @@ PAPER_BAND_WIDTHS: tuple[int, ...] = (
 # (docs/performance.md); inference resolves its own "auto" (`inference_dtype`).
 DTYPES = ("float32", "bfloat16", "mixed", "auto")
 SCAN_METHODS = ("chunked", "associative", "sequential")
+# Tokens per group of `block_tokens` for separation on a CPU (docs/performance.md §7).
+CPU_BLOCK_TOKENS = 2048
 # Fields that change the computation, not the weights.
-COMPUTE_FIELDS = ("dtype", "scan_method", "chunk_size", "remat")
+COMPUTE_FIELDS = ("dtype", "scan_method", "chunk_size", "remat", "block_tokens")
 
 
 def default_band_widths(n_fft: int) -> tuple[int, ...]:
@@ -88,6 +90,9 @@ class ModelConfig:
   remat: recompute each bidirectional block in the backward pass (`jax.checkpoint`) instead of
   storing its activations, except what `model.REMAT_POLICY` keeps; what it saves and costs is
   in docs/performance.md.
+  block_tokens: > 0 runs each bidirectional block over groups of about this many tokens, one
+  group after another (`model.in_blocks`; same result); 0 in one call. Separation on a CPU uses
+  CPU_BLOCK_TOKENS, where the smaller buffers make the forward faster.
   """
   audio_channels: int = 2
   sample_rate: int = 44100
@@ -106,6 +111,7 @@ class ModelConfig:
   chunk_size: int = 64
   dtype: str = "float32"
   remat: bool = False
+  block_tokens: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "band_widths", tuple(int(w) for w in self.band_widths))
@@ -131,6 +137,9 @@ class ModelConfig:
       problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.scan_method not in SCAN_METHODS:
       problems.append(f"unknown scan_method {self.scan_method!r}; choose from {SCAN_METHODS}")
+    if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, int) or (
+        self.block_tokens < 0):
+      problems.append(f"block_tokens must be an int >= 0, got {self.block_tokens!r}")
     if problems:
       raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

@@ -159,10 +159,30 @@ class DualPathLayer(nn.Module):
     b, t, k, d = x.shape
     mixer, dtype = self.config.mixer, self.config.operand_dtype
     along_time = x.transpose(0, 2, 1, 3).reshape(b * k, t, d)
-    along_time = block(mixer, dtype, name="time")(along_time)
+    tokens = 0 if self.is_initializing() else self.config.block_tokens
+    along_time = in_blocks(block(mixer, dtype, name="time"), along_time, tokens)
     x = along_time.reshape(b, k, t, d).transpose(0, 2, 1, 3)
-    along_bands = block(mixer, dtype, name="band")(x.reshape(b * t, k, d))
+    along_bands = in_blocks(block(mixer, dtype, name="band"), x.reshape(b * t, k, d), tokens)
     return along_bands.reshape(b, t, k, d)
+
+
+def in_blocks(module: nn.Module, x: jax.Array, tokens: int) -> jax.Array:
+  """module(x) on x (n, l, d) computed a group of about `tokens` tokens (sequences × l) at a
+  time, one group after another (a lifted `lax.scan` sharing the module's parameters); tokens
+  0 or a group as big as x: in one call. The sequences are independent, so the result is the
+  same; a group's activations are then small buffers that the loop reuses, instead of
+  activations of the whole batch (docs/performance.md §7). The last group is padded with zero
+  sequences, whose outputs are dropped."""
+  n, length = x.shape[:2]
+  per_group = max(1, tokens // length) if tokens > 0 else n
+  if per_group >= n:
+    return module(x)
+  groups = -(-n // per_group)
+  padded = jnp.pad(x, ((0, groups * per_group - n),) + ((0, 0),) * (x.ndim - 1))
+  body = nn.scan(lambda mdl, carry, group: (carry, mdl(group)), variable_broadcast="params",
+                 split_rngs={"params": False})
+  _, y = body(module, None, padded.reshape((groups, per_group) + x.shape[1:]))
+  return y.reshape((groups * per_group,) + y.shape[2:])[:n]
 
 
 class BSMamba2(nn.Module):

@@ -7,7 +7,8 @@ import pytest
 from bsmamba2_jax import convert
 from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT
 from bsmamba2_jax.config import ModelConfig
-from bsmamba2_jax.model import BSMamba2, features_to_spectrum, init_params, spectrum_to_features
+from bsmamba2_jax.model import (BSMamba2, abstract_params, features_to_spectrum, init_params,
+                                random_params, spectrum_to_features)
 from tests import official_reference as ref
 
 MICRO = dict(dim=16, depth=1, d_state=8, expand=2, headdim=8, chunk_size=16)
@@ -125,3 +126,20 @@ def test_remat_keeps_the_named_mixer_values_and_the_gradients(micro, capsys):
   rematerialised = jax.jit(jax.grad(objective(remat)))(params)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+
+
+@pytest.mark.parametrize("tokens", [1, 50, 333, 10_000])
+def test_blocks_over_groups_of_sequences_give_the_same_output(tokens):
+  """`block_tokens` groups (one sequence each, several with a padded last group, all in one):
+  the same vocals as the whole batch at once, and the same parameter tree."""
+  config = ModelConfig.preset("tiny", depth=1)
+  params = random_params(config, seed=5)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 2, 8000)).astype(np.float32))
+  whole = BSMamba2(config).apply({"params": params}, x)
+  grouped = BSMamba2(config.with_compute(block_tokens=tokens))
+  np.testing.assert_allclose(np.asarray(grouped.apply({"params": params}, x)),
+                             np.asarray(whole), rtol=1e-5, atol=1e-7)
+  assert jax.tree_util.tree_structure(abstract_params(config.with_compute(block_tokens=tokens))) \
+      == jax.tree_util.tree_structure(params)
+  with pytest.raises(ValueError, match="block_tokens must be an int >= 0"):
+    config.with_compute(block_tokens=-1)
