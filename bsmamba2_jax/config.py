@@ -57,14 +57,14 @@ def resolve_dtype(dtype: str, backend: str | None = None) -> str:
   return "float32" if backend == "cpu" else "bfloat16"
 
 
-def inference_dtype(precision: str, platform: str, cpu_bf16_dots: bool | None = None) -> str:
+def inference_dtype(precision: str, platform: str, cpu_bf16_dots: bool) -> str:
   """The compute mode for separating with `precision` ("auto", "float32", "bfloat16" or
   "mixed") on a device of `platform` ("cpu", "gpu", ...).
 
   "bfloat16" means bf16 operands with float32 accumulation ("mixed") for inference: activation
   memory is small there, and on XLA:CPU a dot that returns bf16 runs slower than one that
   returns float32. "auto" is "mixed" on accelerators and on CPUs with native bf16 dot
-  instructions (`cpu_bf16_dots`, default: `runtime.cpu_has_bf16_dots()`), else "float32".
+  instructions (`cpu_bf16_dots`, as `runtime.cpu_has_bf16_dots()` tells), else "float32".
   """
   if precision not in DTYPES:
     raise ValueError(f"precision must be one of {DTYPES}, got {precision!r}")
@@ -74,9 +74,6 @@ def inference_dtype(precision: str, platform: str, cpu_bf16_dots: bool | None = 
     return "float32"
   if platform != "cpu":
     return "mixed"
-  if cpu_bf16_dots is None:
-    from bsmamba2_jax import runtime  # pylint: disable=g-import-not-at-top
-    cpu_bf16_dots = runtime.cpu_has_bf16_dots()
   return "mixed" if cpu_bf16_dots else "float32"
 
 

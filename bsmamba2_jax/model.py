@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsmamba2_jax import stft
+from bsmamba2_jax import ssd_chunked, stft
 from bsmamba2_jax.config import ModelConfig
 from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT, BiMamba2Block, torch_uniform
 
@@ -177,12 +177,10 @@ def in_blocks(module: nn.Module, x: jax.Array, tokens: int) -> jax.Array:
   per_group = max(1, tokens // length) if tokens > 0 else n
   if per_group >= n:
     return module(x)
-  groups = -(-n // per_group)
-  padded = jnp.pad(x, ((0, groups * per_group - n),) + ((0, 0),) * (x.ndim - 1))
   body = nn.scan(lambda mdl, carry, group: (carry, mdl(group)), variable_broadcast="params",
                  split_rngs={"params": False})
-  _, y = body(module, None, padded.reshape((groups, per_group) + x.shape[1:]))
-  return y.reshape((groups * per_group,) + y.shape[2:])[:n]
+  _, y = body(module, None, ssd_chunked.split_batch(x, per_group))
+  return ssd_chunked.merge_batch(y, n)
 
 
 class BSMamba2(nn.Module):

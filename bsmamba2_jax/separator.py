@@ -223,11 +223,13 @@ class Separator:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
     from bsmamba2_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from bsmamba2_jax import runtime  # pylint: disable=g-import-not-at-top
 
     target = jax_device(device)
     compute = {}
     if precision is not None:
-      compute["dtype"] = config_lib.inference_dtype(precision, target.platform)
+      cpu_bf16_dots = target.platform == "cpu" and runtime.cpu_has_bf16_dots()
+      compute["dtype"] = config_lib.inference_dtype(precision, target.platform, cpu_bf16_dots)
     if target.platform == "cpu" and not model.config.block_tokens:
       compute["block_tokens"] = config_lib.CPU_BLOCK_TOKENS  # same numbers, faster on a CPU
     model = model.clone(config=model.config.with_compute(**compute))

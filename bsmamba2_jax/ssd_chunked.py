@@ -264,6 +264,18 @@ def sequences_per_block(batch, seqlen, chunk_size, state_size, platform):
   return max(1, BLOCK_STATE_BYTES // per_sequence)
 
 
+def split_batch(v: jax.Array, block: int) -> jax.Array:
+  """(batch, ...) -> (ceil(batch / block), block, ...), zero sequences padding the last block."""
+  nblocks = -(-v.shape[0] // block)
+  v = jnp.pad(v, [(0, nblocks * block - v.shape[0])] + [(0, 0)] * (v.ndim - 1))
+  return v.reshape((nblocks, block) + v.shape[1:])
+
+
+def merge_batch(v: jax.Array, batch: int) -> jax.Array:
+  """The inverse of `split_batch`: (nblocks, block, ...) -> (batch, ...), padding dropped."""
+  return v.reshape((v.shape[0] * v.shape[1],) + v.shape[2:])[:batch]
+
+
 def blockwise(fn, block, *arrays):
   """fn(*arrays) computed `block` sequences at a time by `lax.map` (arrays may hold None).
 
@@ -275,13 +287,7 @@ def blockwise(fn, block, *arrays):
   batch = arrays[0].shape[0]
   if block >= batch:
     return fn(*arrays)
-  nblocks = -(-batch // block)
-  pad = nblocks * block - batch
   present = [i for i, v in enumerate(arrays) if v is not None]
-
-  def split(v):
-    v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
-    return v.reshape((nblocks, block) + v.shape[1:])
 
   def one_block(blocks):
     args = list(arrays)
@@ -289,5 +295,5 @@ def blockwise(fn, block, *arrays):
       args[i] = v
     return fn(*args)
 
-  outputs = lax.map(jax.checkpoint(one_block), [split(arrays[i]) for i in present])
-  return jax.tree.map(lambda v: v.reshape((nblocks * block,) + v.shape[2:])[:batch], outputs)
+  outputs = lax.map(jax.checkpoint(one_block), [split_batch(arrays[i], block) for i in present])
+  return jax.tree.map(lambda v: merge_batch(v, batch), outputs)
