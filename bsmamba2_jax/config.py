@@ -24,10 +24,37 @@ PAPER_BAND_WIDTHS: tuple[int, ...] = (
 # (docs/performance.md); inference resolves its own "auto" (`inference_dtype`).
 DTYPES = ("float32", "bfloat16", "mixed", "auto")
 SCAN_METHODS = ("chunked", "associative", "sequential")
+# The official BSModel's sequence modules (docs/model.md §9): the time path and the band path of
+# every layer are bidirectional Mamba2 blocks ("mamba2", BSMamba2), Transformers ("transformer",
+# BS-RoFormer), a Mamba2 block along time and a Transformer along bands ("mamba2-roformer"), or
+# bidirectional Mamba1 blocks ("mamba").
+MODULE_TYPES = ("mamba2", "transformer", "mamba2-roformer", "mamba")
+# The stems a model of 1 or 4 stems separates when a checkpoint does not say: the 4 in the order
+# of the musdb package and of demucs (its sources list) and MSST's 4-stem configs.
+DEFAULT_STEMS = {1: ("vocals",), 4: ("drums", "bass", "other", "vocals")}
+
+
+def default_stems(count: int) -> tuple[str, ...]:
+  """Stem names for a model of `count` stems whose names are not given (`DEFAULT_STEMS`, else
+  stem1, stem2, ...)."""
+  return DEFAULT_STEMS.get(count, tuple(f"stem{n + 1}" for n in range(count)))
 # Tokens per group of `block_tokens` for separation on a CPU (docs/performance.md §7).
 CPU_BLOCK_TOKENS = 2048
 # Fields that change the computation, not the weights.
-COMPUTE_FIELDS = ("dtype", "scan_method", "chunk_size", "remat", "block_tokens")
+COMPUTE_FIELDS = ("dtype", "scan_method", "chunk_size", "remat", "block_tokens", "attn_dropout",
+                  "ff_dropout")
+# Weight fields that only some module types use: a config's `weights_view` leaves out those its
+# module type does not have.
+_MAMBA2_FIELDS = ("d_state", "expand", "headdim", "ngroups", "d_conv")
+_MAMBA_FIELDS = ("d_state", "expand", "d_conv", "dt_rank")
+_TRANSFORMER_FIELDS = ("heads", "dim_head")
+_FIELDS_OF_TYPE = {
+    "mamba2": _MAMBA2_FIELDS,
+    "transformer": _TRANSFORMER_FIELDS,
+    "mamba2-roformer": _MAMBA2_FIELDS + _TRANSFORMER_FIELDS,
+    "mamba": _MAMBA_FIELDS,
+}
+_TYPED_FIELDS = frozenset(_MAMBA2_FIELDS + _MAMBA_FIELDS + _TRANSFORMER_FIELDS)
 
 
 def default_band_widths(n_fft: int) -> tuple[int, ...]:
@@ -87,9 +114,16 @@ class ModelConfig:
   remat: recompute each bidirectional block in the backward pass (`jax.checkpoint`) instead of
   storing its activations, except what `model.REMAT_POLICY` keeps; what it saves and costs is
   in docs/performance.md.
-  block_tokens: > 0 runs each bidirectional block over groups of about this many tokens, one
+  block_tokens: > 0 runs each sequence module over groups of about this many tokens, one
   group after another (`model.in_blocks`; same result); 0 in one call. Separation on a CPU uses
   CPU_BLOCK_TOKENS, where the smaller buffers make the forward faster.
+  module_type: the sequence modules of the dual path (one of MODULE_TYPES).
+  stems: the names of the separated sources, one mask estimator each, in the order of the
+  model's outputs; a one-stem model's residual (mixture − stem) is its "accompaniment".
+  heads, dim_head: the Transformers' attention heads and their width ("transformer",
+  "mamba2-roformer"); attn_dropout, ff_dropout: their dropout rates, applied in training only.
+  dt_rank: Mamba1's rank of the dt projection ("mamba"); 0 is mamba_ssm's "auto", ceil(dim / 16).
+  d_state, expand, d_conv serve Mamba1 as they serve Mamba2.
   """
   audio_channels: int = 2
   sample_rate: int = 44100
@@ -109,10 +143,33 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   block_tokens: int = 0
+  module_type: str = "mamba2"
+  stems: tuple[str, ...] = ("vocals",)
+  heads: int = 8
+  dim_head: int = 64
+  attn_dropout: float = 0.0
+  ff_dropout: float = 0.0
+  dt_rank: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "band_widths", tuple(int(w) for w in self.band_widths))
+    stems = (self.stems,) if isinstance(self.stems, str) else tuple(self.stems)
+    object.__setattr__(self, "stems", stems)
     problems = []
+    if self.module_type not in MODULE_TYPES:
+      problems.append(f"unknown module_type {self.module_type!r}; choose from {MODULE_TYPES}")
+    if not stems or len(set(stems)) != len(stems) or not all(
+        isinstance(n, str) and n and n not in ("mixture", "accompaniment") for n in stems):
+      problems.append(f"stems must be distinct non-empty names other than 'mixture' and "
+                      f"'accompaniment', got {self.stems!r}")
+    if self.uses_transformer and (self.heads < 1 or self.dim_head < 2 or self.dim_head % 2):
+      problems.append(f"heads must be >= 1 and dim_head even (rotary pairs), got heads="
+                      f"{self.heads}, dim_head={self.dim_head}")
+    for name in ("attn_dropout", "ff_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    if self.dt_rank < 0:
+      problems.append(f"dt_rank must be >= 0 (0: ceil(dim / 16)), got {self.dt_rank}")
     if sum(self.band_widths) != self.n_fft // 2 + 1:
       problems.append(f"band_widths sum to {sum(self.band_widths)}, expected n_fft//2+1 = "
                       f"{self.n_fft // 2 + 1}")
@@ -122,7 +179,9 @@ class ModelConfig:
       # (zeros), and the windows of frames further apart overlap too little to invert.
       problems.append(f"hop_length must be in [1, n_fft // 2] so that frames cover every sample, "
                       f"got hop_length={self.hop_length} with n_fft={self.n_fft}")
-    if (self.expand * self.dim) % self.headdim:
+    if self.module_type not in ("mamba2", "mamba2-roformer"):
+      pass
+    elif (self.expand * self.dim) % self.headdim:
       problems.append(f"expand*dim = {self.expand * self.dim} is not a multiple of headdim "
                       f"{self.headdim}")
     elif (self.expand * self.dim // self.headdim) % self.ngroups:
@@ -142,8 +201,9 @@ class ModelConfig:
 
   @classmethod
   def preset(cls, preset: str = "paper", **fields: Any) -> "ModelConfig":
-    """The preset 'paper' (48,098,188 parameters), 'small' or 'tiny' (trains on 2 CPU cores in
-    minutes) with `fields` replaced; a field given as None keeps the preset's value, so an
+    """The preset 'paper' (48,098,188 parameters), 'bsroformer' (the official BS-RoFormer
+    baseline, 36,847,516 parameters as torch counts them), 'small' or 'tiny' (trains on 2 CPU
+    cores in minutes) with `fields` replaced; a field given as None keeps the preset's value, so an
     experiment's `config.model` (see `model_settings`) passes straight in:
     `ModelConfig.preset(**config.model)`. A new n_fft without band_widths scales the bands."""
     if preset not in PRESETS:
@@ -161,6 +221,7 @@ class ModelConfig:
     """JSON-able dict; `ModelConfig.from_dict` inverts it."""
     d = dataclasses.asdict(self)
     d["band_widths"] = list(self.band_widths)
+    d["stems"] = list(self.stems)
     return d
 
   @classmethod
@@ -172,8 +233,25 @@ class ModelConfig:
     return cls(**d)
 
   def weights_view(self) -> dict:
-    """The fields that shape the weights (all but `COMPUTE_FIELDS`), as `to_dict` gives them."""
-    return {k: v for k, v in self.to_dict().items() if k not in COMPUTE_FIELDS}
+    """The fields that shape the weights, as `to_dict` gives them: all but `COMPUTE_FIELDS` and
+    the fields of sequence modules that this module type does not have."""
+    own = set(_FIELDS_OF_TYPE[self.module_type])
+    return {k: v for k, v in self.to_dict().items()
+            if k not in COMPUTE_FIELDS and (k not in _TYPED_FIELDS or k in own)}
+
+  @property
+  def num_stems(self) -> int:
+    return len(self.stems)
+
+  @property
+  def uses_transformer(self) -> bool:
+    """Whether some sequence module is a Transformer."""
+    return self.module_type in ("transformer", "mamba2-roformer")
+
+  @property
+  def mamba_dt_rank(self) -> int:
+    """Mamba1's dt rank (`dt_rank`, or mamba_ssm's "auto" ceil(dim / 16) for 0)."""
+    return self.dt_rank or -(-self.dim // 16)
 
   def with_compute(self, **fields: Any) -> "ModelConfig":
     """This config with `COMPUTE_FIELDS` replaced (the weights stay valid); others refused."""
@@ -204,11 +282,30 @@ class ModelConfig:
                 chunk_size=self.chunk_size, dtype=self.operand_dtype,
                 result_dtype=self.activation_dtype)
 
+  @property
+  def mamba1_mixer(self) -> dict:
+    """Keyword arguments of `mamba1.Mamba1` (besides d_model)."""
+    return dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
+                dt_rank=self.mamba_dt_rank, dtype=self.operand_dtype,
+                result_dtype=self.activation_dtype)
+
+  @property
+  def attention(self) -> dict:
+    """Keyword arguments of `roformer.TransformerBlock`."""
+    return dict(heads=self.heads, dim_head=self.dim_head, attn_dropout=self.attn_dropout,
+                ff_dropout=self.ff_dropout, dtype=self.operand_dtype,
+                result_dtype=self.activation_dtype)
+
 
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "small": dict(dim=128, depth=4, d_state=64, expand=2, headdim=32),
-    "tiny": dict(dim=32, depth=2, d_state=16, expand=2, headdim=16),
+    # The paper's baseline as the official code configures it (36,847,516 parameters).
+    "bsroformer": dict(module_type="transformer", heads=8, dim_head=48, attn_dropout=0.1,
+                       ff_dropout=0.1),
+    # small and tiny also size the Transformer fields, so that `module_type=...` gives a model of
+    # the same width and depth of another type (experiments.compare_models).
+    "small": dict(dim=128, depth=4, d_state=64, expand=2, headdim=32, heads=4, dim_head=32),
+    "tiny": dict(dim=32, depth=2, d_state=16, expand=2, headdim=16, heads=2, dim_head=16),
 }
 
 

@@ -208,13 +208,16 @@ class Mamba2(nn.Module):
 
 
 class MambaBlock(nn.Module):
-  """Pre-norm residual Mamba2: `x + Mamba2(RMSNorm(x))` (official `{forward,backward}_blocks.0`)."""
+  """Pre-norm residual mixer: `x + mixer(RMSNorm(x))` (official `{forward,backward}_blocks.0`);
+  the mixer is `mixer_cls(d_model, **mixer)`, Mamba2 or `mamba1.Mamba1`."""
   mixer: dict
+  mixer_cls: Callable[..., nn.Module] = Mamba2
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (b, l, d) -> (b, l, d)."""
-    return x + Mamba2(d_model=x.shape[-1], **self.mixer, name="mixer")(RMSNorm(name="norm")(x))
+    return x + self.mixer_cls(d_model=x.shape[-1], **self.mixer, name="mixer")(
+        RMSNorm(name="norm")(x))
 
 
 def reverse_valid(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
@@ -237,18 +240,21 @@ class BiMamba2Block(nn.Module):
   """Bidirectional Mamba2 with separate weights per direction (official `layers.{i}.{0,1}`).
 
   fwd = x + Mamba2_f(RMSNorm_f(x)); bwd = x + flip(Mamba2_b(RMSNorm_b(flip(x))));
-  out = x + Dense(2d -> d)([fwd, bwd]).
+  out = x + Dense(2d -> d)([fwd, bwd]). With `mixer_cls=mamba1.Mamba1` it is the official
+  bidirectional Mamba1 block (`module_type="mamba"`), the same in every other respect.
   """
   mixer: dict
   dtype: Dtype = jnp.float32
   result_dtype: Dtype | None = None   # of the merge Dense; None: dtype
+  mixer_cls: Callable[..., nn.Module] = Mamba2
 
   @nn.compact
   def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """x: (b, l, d); lengths: optional (b,) valid lengths (padding at the end) -> (b, l, d)."""
     dim = x.shape[-1]
-    fwd = MambaBlock(self.mixer, name="forward")(x)
-    bwd = reverse_valid(MambaBlock(self.mixer, name="backward")(reverse_valid(x, lengths)), lengths)
+    fwd = MambaBlock(self.mixer, self.mixer_cls, name="forward")(x)
+    bwd = reverse_valid(MambaBlock(self.mixer, self.mixer_cls, name="backward")(
+        reverse_valid(x, lengths)), lengths)
     # A torch ConvTranspose1d(2d, d, 1): its default init takes fan_in from weight.shape[1] = d.
     merged = torch_dense(dim, dim, dtype=self.dtype, result_dtype=self.result_dtype,
                          name="linear")(

@@ -1,5 +1,8 @@
 """BSMamba2: band split -> dual-path bidirectional Mamba2 -> per-band mask -> complex mask -> iSTFT.
 
+The same skeleton carries the official code's other sequence modules (`ModelConfig.module_type`:
+Transformers for BS-RoFormer, the Mamba2-Transformer hybrid, Mamba1) and several stems.
+
 The official graph (docs/model.md), one small module per idea. Shapes: b batch, c audio channels,
 s samples, f frequency bins, t frames, k bands, d model width.
 
@@ -19,33 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsmamba2_jax import ssd_chunked, stft
+from bsmamba2_jax.band_norm import BandRMSNorm, band_rmsnorm
 from bsmamba2_jax.config import ModelConfig
-from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT, BiMamba2Block, torch_uniform
+from bsmamba2_jax.mamba1 import Mamba1
+from bsmamba2_jax.mamba2 import MIXER_OUTPUT, SCAN_OUTPUT, BiMamba2Block, Mamba2, torch_uniform
+from bsmamba2_jax.roformer import TransformerBlock
 
 # What a rematerialised BiMamba2Block keeps: each mixer's scan output and output, 5 KiB per token
 # and mixer in fp32. Without them the recomputation would run the scan forward again (the time
 # path's blockwise scan then a third time inside its own backward) and out_proj, which the merge
 # Dense's weight gradient needs: a little more memory buys a faster step (docs/performance.md).
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(SCAN_OUTPUT, MIXER_OUTPUT)
-
-
-def band_rmsnorm(x: jax.Array, gamma: jax.Array) -> jax.Array:
-  """The band-split RMSNorm over the last axis: `x / max(‖x‖₂, 1e-12) · sqrt(dim) · gamma`.
-
-  Not the eps-inside-sqrt RMSNorm of Mamba. Computed in fp32; returns fp32.
-  """
-  x32 = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-  return x32 / jnp.maximum(norm, 1e-12) * math.sqrt(x.shape[-1]) * gamma
-
-
-class BandRMSNorm(nn.Module):
-  """`band_rmsnorm` with its own `gamma` (dim,), initialised to one (the official final norm)."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    gamma = self.param("gamma", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    return band_rmsnorm(x, gamma)
 
 
 def band_groups(widths: tuple[int, ...]) -> list[tuple[int, int, int]]:
@@ -146,23 +133,45 @@ class MaskEstimator(nn.Module):
     return jnp.concatenate(outputs, axis=-1)
 
 
+# The sequence module of the time path and of the band path, per `ModelConfig.module_type`.
+LAYER_KINDS = {
+    "mamba2": ("mamba2", "mamba2"),
+    "transformer": ("transformer", "transformer"),
+    "mamba2-roformer": ("mamba2", "transformer"),
+    "mamba": ("mamba", "mamba"),
+}
+
+
+def sequence_module(config: ModelConfig, kind: str, train: bool, name: str) -> nn.Module:
+  """The module of `kind` ("mamba2", "mamba" or "transformer") mapping (n, l, d) -> (n, l, d)."""
+  if kind == "transformer":
+    block = nn.remat(TransformerBlock) if config.remat else TransformerBlock
+    return block(**config.attention, deterministic=not train, name=name)
+  mamba1_kind = kind == "mamba"
+  block = (nn.remat(BiMamba2Block, policy=REMAT_POLICY) if config.remat and not mamba1_kind
+           else nn.remat(BiMamba2Block) if config.remat else BiMamba2Block)
+  return block(config.mamba1_mixer if mamba1_kind else config.mixer, config.operand_dtype,
+               config.activation_dtype, Mamba1 if mamba1_kind else Mamba2, name=name)
+
+
 class DualPathLayer(nn.Module):
-  """One layer: a BiMamba2 block along time on (b·k, t, d), then one along bands on (b·t, k, d)."""
+  """One layer: a sequence module along time on (b·k, t, d), then one along bands on (b·t, k, d)
+  (bidirectional Mamba2 blocks for BSMamba2; see `LAYER_KINDS`)."""
   config: ModelConfig
+  train: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (b, t, k, d) -> (b, t, k, d)."""
-    block = (nn.remat(BiMamba2Block, policy=REMAT_POLICY) if self.config.remat
-             else BiMamba2Block)
-    block = functools.partial(block, result_dtype=self.config.activation_dtype)
     b, t, k, d = x.shape
-    mixer, dtype = self.config.mixer, self.config.operand_dtype
-    along_time = x.transpose(0, 2, 1, 3).reshape(b * k, t, d)
+    time_kind, band_kind = LAYER_KINDS[self.config.module_type]
     tokens = 0 if self.is_initializing() else self.config.block_tokens
-    along_time = in_blocks(block(mixer, dtype, name="time"), along_time, tokens)
+    along_time = x.transpose(0, 2, 1, 3).reshape(b * k, t, d)
+    along_time = in_blocks(sequence_module(self.config, time_kind, self.train, "time"),
+                           along_time, tokens)
     x = along_time.reshape(b, k, t, d).transpose(0, 2, 1, 3)
-    along_bands = in_blocks(block(mixer, dtype, name="band"), x.reshape(b * t, k, d), tokens)
+    along_bands = in_blocks(sequence_module(self.config, band_kind, self.train, "band"),
+                            x.reshape(b * t, k, d), tokens)
     return along_bands.reshape(b, t, k, d)
 
 
@@ -178,48 +187,63 @@ def in_blocks(module: nn.Module, x: jax.Array, tokens: int) -> jax.Array:
   if per_group >= n:
     return module(x)
   body = nn.scan(lambda mdl, carry, group: (carry, mdl(group)), variable_broadcast="params",
-                 split_rngs={"params": False})
+                 split_rngs={"params": False, "dropout": True})
   _, y = body(module, None, ssd_chunked.split_batch(x, per_group))
   return ssd_chunked.merge_batch(y, n)
 
 
+def mask_estimator_name(stem: int) -> str:
+  """Parameter-tree name of the mask estimator of stem `stem` (official `mask_estimators.{stem}`);
+  the first keeps the name of a one-stem model's."""
+  return "mask_estimator" if stem == 0 else f"mask_estimator_{stem}"
+
+
 class BSMamba2(nn.Module):
-  """The whole separator: waveform (b, c, s) at 44.1 kHz -> estimated vocals (b, c, s)."""
+  """The whole separator (the official BSModel, any `module_type`): waveform (b, c, s) at
+  44.1 kHz -> the estimated stem (b, c, s), or the stems (b, n, c, s) of a model of n > 1."""
   config: ModelConfig
 
-  def estimate_mask(self, spec: jax.Array) -> jax.Array:
-    """spec: (b, c, f, t) complex mixture STFT -> complex mask of the same shape."""
+  def estimate_mask(self, spec: jax.Array, train: bool = False) -> jax.Array:
+    """spec: (b, c, f, t) complex mixture STFT -> complex mask (b, c, f, t), or (b, n, c, f, t)
+    for n > 1 stems. `train` turns the Transformers' dropout on."""
     cfg = self.config
     x = BandSplit(cfg.band_widths, cfg.audio_channels, cfg.dim, dtype=cfg.activation_dtype,
                   name="band_split")(spectrum_to_features(spec))
     x = x.astype(jnp.float32)  # the residual stream stays fp32; matmuls run in compute dtype
     for i in range(cfg.depth):
-      x = DualPathLayer(cfg, name=f"layers_{i}")(x)
+      x = DualPathLayer(cfg, train, name=f"layers_{i}")(x)
     x = BandRMSNorm(name="final_norm")(x)
-    mask = MaskEstimator(cfg.band_widths, cfg.audio_channels, cfg.mask_hidden_mult,
-                         dtype=cfg.activation_dtype, name="mask_estimator")(x)
-    return features_to_spectrum(mask, cfg.audio_channels)
+    masks = [features_to_spectrum(
+        MaskEstimator(cfg.band_widths, cfg.audio_channels, cfg.mask_hidden_mult,
+                      dtype=cfg.activation_dtype, name=mask_estimator_name(n))(x),
+        cfg.audio_channels) for n in range(cfg.num_stems)]
+    return masks[0] if cfg.num_stems == 1 else jnp.stack(masks, axis=1)
 
   def masked_istft(self, spec: jax.Array, mask: jax.Array, length: int) -> jax.Array:
-    """Complex-multiplies spec and mask, both (b, c, f, t), and returns the (b, c, length) iSTFT."""
+    """The iSTFT (…, c, length) of spec (b, c, f, t) times mask (b, c, f, t) or (b, n, c, f, t)."""
+    if mask.ndim == spec.ndim + 1:
+      spec = spec[:, None]
     return stft.istft(spec * mask, self.config.n_fft, self.config.hop_length, length=length)
 
   def apply_mask(self, audio_in: jax.Array, mask: jax.Array) -> jax.Array:
-    """The model's output path with a given complex mask (b, c, f, t) for audio_in (b, c, s)."""
+    """The model's output path with a given complex mask (as `estimate_mask` gives) for
+    audio_in (b, c, s)."""
     spec = stft.stft(audio_in.astype(jnp.float32), self.config.n_fft, self.config.hop_length)
     return self.masked_istft(spec, mask, audio_in.shape[-1])
 
   @nn.compact
-  def __call__(self, audio_in: jax.Array, *, return_mask: bool = False):
-    """audio_in: (b, c, s) float -> vocals (b, c, s) float32 [, complex mask (b, c, f, t)]."""
+  def __call__(self, audio_in: jax.Array, *, return_mask: bool = False, train: bool = False):
+    """audio_in: (b, c, s) float -> stem(s) float32 (b, c, s) or (b, n, c, s) [, the mask].
+
+    `train=True` applies dropout (Transformers only) and needs a "dropout" rng."""
     cfg = self.config
     if audio_in.ndim != 3 or audio_in.shape[1] != cfg.audio_channels:
       raise ValueError(f"BSMamba2 expects audio of shape (batch, {cfg.audio_channels}, samples), "
                        f"got {tuple(audio_in.shape)}")
     spec = stft.stft(audio_in.astype(jnp.float32), cfg.n_fft, cfg.hop_length)
-    mask = self.estimate_mask(spec)
-    vocals = self.masked_istft(spec, mask, audio_in.shape[-1])
-    return (vocals, mask) if return_mask else vocals
+    mask = self.estimate_mask(spec, train)
+    stems = self.masked_istft(spec, mask, audio_in.shape[-1])
+    return (stems, mask) if return_mask else stems
 
 
 def abstract_params(config: ModelConfig) -> dict:

@@ -49,7 +49,13 @@ def test_compute_fields_change_and_nothing_else():
   changed = paper.with_compute(dtype="bfloat16", remat=True, chunk_size=32,
                                scan_method="sequential")
   assert changed.weights_view() == paper.weights_view()
-  assert set(paper.to_dict()) - set(paper.weights_view()) == set(COMPUTE_FIELDS)
+  # A Mamba2 model has no Transformer and no Mamba1 sizes to keep.
+  assert set(paper.to_dict()) - set(paper.weights_view()) == set(COMPUTE_FIELDS) | {
+      "heads", "dim_head", "dt_rank"}
+  roformer = ModelConfig.preset("bsroformer")
+  assert {"heads", "dim_head"} <= set(roformer.weights_view())
+  assert not {"d_state", "headdim", "expand"} & set(roformer.weights_view())
+  assert roformer.with_compute(attn_dropout=0.0).weights_view() == roformer.weights_view()
   with pytest.raises(ValueError, match="not dim"):
     paper.with_compute(dim=128)
   assert ModelConfig.preset("paper", dim=128).weights_view() != paper.weights_view()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bsmamba2_jax import convert, exports, torch_files
-from bsmamba2_jax.config import ModelConfig
+from bsmamba2_jax.config import ModelConfig, default_stems
 from bsmamba2_jax.errors import CheckpointError
 from bsmamba2_jax.model import BSMamba2, abstract_params
 from tests import official_reference as ref
@@ -63,9 +63,12 @@ def test_official_file_infers_config_and_matches_reference_forward(expected):
   np.testing.assert_allclose(np.asarray(ours), want, rtol=1e-3, atol=2e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("channels", [2, 1])
-def test_round_trip_is_bit_exact(channels):
-  config = ModelConfig.preset("tiny", audio_channels=channels, **MICRO)
+@pytest.mark.parametrize("channels, module_type, stems", [
+    (2, "mamba2", 1), (1, "mamba2", 1), (2, "transformer", 1), (2, "mamba2-roformer", 2),
+    (1, "mamba", 4)])
+def test_round_trip_is_bit_exact(channels, module_type, stems):
+  config = ModelConfig.preset("tiny", audio_channels=channels, module_type=module_type,
+                              stems=default_stems(stems), **MICRO)
   # Random values in every tensor (the init's ones and zeros would hide transposition slips).
   shapes = abstract_params(config)
   leaves, tree = jax.tree_util.tree_flatten(shapes)
@@ -74,10 +77,16 @@ def test_round_trip_is_bit_exact(channels):
       tree, [rng.normal(size=leaf.shape).astype(np.float32) for leaf in leaves])
   sd = convert.params_to_torch_state_dict(config, params)
   assert all(k.startswith("model.") for k in sd)
-  assert sd["model.layers.0.0.linear.weight"].shape == (32, 16, 1)
-  assert sd["model.layers.0.1.forward_blocks.0.mixer.conv1d.weight"].shape == (48, 1, 4)
+  if module_type == "mamba2":
+    assert sd["model.layers.0.0.linear.weight"].shape == (32, 16, 1)
+    assert sd["model.layers.0.1.forward_blocks.0.mixer.conv1d.weight"].shape == (48, 1, 4)
+  if module_type != "mamba":
+    assert ("model.layers.0.1.layers.0.0.to_qkv.weight" in sd) == (module_type != "mamba2")
+  else:
+    assert sd["model.layers.0.1.backward_blocks.0.mixer.A_log"].shape == (32, 8)
+  assert f"model.mask_estimators.{stems - 1}.to_freqs.0.0.2.bias" in sd
   config2, params2 = convert.params_from_torch_state_dict(sd, hop_length=config.hop_length)
-  assert config2 == ModelConfig.from_dict(dict(config.to_dict(), chunk_size=config2.chunk_size))
+  assert config2.weights_view() == config.weights_view()
   leaves = jax.tree_util.tree_leaves_with_path(params)
   leaves2 = dict(jax.tree_util.tree_leaves_with_path(params2))
   for path, leaf in leaves:
