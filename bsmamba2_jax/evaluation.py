@@ -1,9 +1,10 @@
 """Evaluation on a MUSDB18-HQ-layout dataset: per-track cSDR/uSDR, aggregates, studies, reports.
 
-Per track, the separator's vocals and accompaniment (= mixture - vocals) are scored against the
-true vocals and the true accompaniment (drums + bass + other) by `metrics.separation_scores`, as
-validation scores them (docs/metrics.md): cSDR (museval v4, 1-s frames, both stems evaluated
-together, nanmedian over frames) and uSDR. The mixture-as-estimate baseline (SiSEC's "MIX": the
+Per track, the separator's stems (`Separator.stems`) are scored against the track's: a vocals
+model's vocals and accompaniment (= mixture - vocals) against the true vocals and the true
+accompaniment (drums + bass + other), a 4-stem model's four against the four sources. Scores
+are `metrics.separation_scores`, as validation computes them (docs/metrics.md): cSDR (museval
+v4, 1-s frames, the stems evaluated together, nanmedian over frames) and uSDR. The mixture-as-estimate baseline (SiSEC's "MIX": the
 mixture given as the estimate of every stem) is scored alongside. Aggregates give median and
 mean over tracks (the paper reports the median cSDR and the mean uSDR).
 
@@ -25,11 +26,37 @@ import numpy as np
 
 from bsmamba2_jax import metrics, plots
 
-STEMS = metrics.STEMS
+STEMS = metrics.STEMS  # what a vocals model is scored on
+SOURCES = ("vocals", "drums", "bass", "other")  # a MUSDB18 track's sources
+RESIDUAL = "accompaniment"
 ACTIVITY_THRESHOLD_DB = -40.0
 ACTIVITY_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
-SCORES = tuple(f"{stem}_{m}" for stem in STEMS for m in ("csdr", "usdr"))
-BASELINE_SCORES = tuple(f"mix_{s}" for s in SCORES)
+
+
+def score_keys(stems: Sequence[str] = STEMS, prefix: str = "") -> tuple[str, ...]:
+  """The score names of `stems`: <prefix><stem>_csdr, <prefix><stem>_usdr for each."""
+  return tuple(f"{prefix}{stem}_{m}" for stem in stems for m in ("csdr", "usdr"))
+
+
+SCORES = score_keys()
+BASELINE_SCORES = score_keys(prefix="mix_")
+
+
+def reference_stems(stems: Sequence[str], sources: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The true signal of each of `stems` from a track's `sources` {vocals, drums, bass, other}:
+  a source itself, or the residual "accompaniment", the sum of the sources other than the
+  model's one stem. ValueError for a name that is neither."""
+  refs = {}
+  for name in stems:
+    if name in sources:
+      refs[name] = sources[name]
+    elif name == RESIDUAL and len(stems) == 2:
+      own = next(s for s in stems if s != RESIDUAL)
+      refs[name] = sum(x for s, x in sources.items() if s != own)
+    else:
+      raise ValueError(f"the model's stem {name!r} is not a MUSDB18 source ({', '.join(SOURCES)}) "
+                       "and cannot be scored")
+  return refs
 
 
 def vocal_activity(vocals: np.ndarray, sample_rate: int = 44100,
@@ -63,14 +90,16 @@ def _energy_ratio_db(part: np.ndarray, whole: np.ndarray) -> float:
 
 
 def evaluate_track(separator, track) -> dict[str, Any]:
-  """Separates one track with `separator.separate(audio, rate)` and scores it (one CSV row)."""
+  """Separates one track with `separator.separate(audio, rate)` and scores its
+  `separator.stems` (one CSV row)."""
   sample_rate = track.sample_rate
+  names = tuple(getattr(separator, "stems", STEMS))
   # Track.read refuses non-finite samples (MusdbError, a ValueError naming the file).
-  stems = {s: track.read_all(s) for s in ("mixture", "vocals", "drums", "bass", "other")}
-  mixture, vocals = stems["mixture"], stems["vocals"]
-  accompaniment = stems["drums"] + stems["bass"] + stems["other"]
-  references = {"vocals": vocals, "accompaniment": accompaniment}
-  residual_db = _energy_ratio_db(mixture - vocals - accompaniment, mixture)
+  mixture = track.read_all("mixture")
+  sources = {s: track.read_all(s) for s in SOURCES}
+  vocals = sources["vocals"]
+  references = reference_stems(names, sources)
+  residual_db = _energy_ratio_db(mixture - sum(sources.values()), mixture)
   if residual_db > MIXTURE_RESIDUAL_DB:  # then mixture - vocals is no accompaniment
     logging.warning("%s: not the sum of the four stems (residual %.1f dB of the mixture); its "
                     "accompaniment and mixture scores compare unlike signals",
@@ -78,14 +107,15 @@ def evaluate_track(separator, track) -> dict[str, Any]:
   start = time.perf_counter()
   estimates = separator.separate(mixture, sample_rate)
   wall = time.perf_counter() - start
-  for stem in STEMS:
+  for stem in names:
     if not np.isfinite(estimates[stem]).all():
       raise ValueError(f"{track.name}: the separated {stem} have non-finite samples (NaN or "
                        "Inf); the model's weights or settings are broken")
   row = dict(track=track.name, seconds=mixture.shape[-1] / sample_rate,
              vocal_activity=vocal_activity(vocals, sample_rate), wall_s=wall)
-  row.update(metrics.separation_scores(references, estimates, sample_rate))
-  baseline = metrics.separation_scores(references, {s: mixture for s in STEMS}, sample_rate)
+  row.update(metrics.separation_scores(references, estimates, sample_rate, names))
+  baseline = metrics.separation_scores(references, {s: mixture for s in names}, sample_rate,
+                                       names)
   row.update({f"mix_{k}": v for k, v in baseline.items()})
   return row
 
@@ -96,8 +126,10 @@ def aggregate_rows(rows: Sequence[dict], keys: Iterable[str]) -> dict[str, dict]
           for k in keys}
 
 
-def sparse_breakdown(rows: Sequence[dict], bins: Sequence[float] = ACTIVITY_BINS) -> list[dict]:
-  """Scores aggregated per vocal-activity bucket [lo, hi) (the last bucket includes hi)."""
+def sparse_breakdown(rows: Sequence[dict], bins: Sequence[float] = ACTIVITY_BINS,
+                     keys: Sequence[str] = SCORES) -> list[dict]:
+  """The scores `keys` aggregated per vocal-activity bucket [lo, hi) (the last bucket includes
+  hi)."""
   out = []
   for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:])):
     last = i == len(bins) - 2
@@ -105,7 +137,7 @@ def sparse_breakdown(rows: Sequence[dict], bins: Sequence[float] = ACTIVITY_BINS
                or (last and r["vocal_activity"] == hi)]
     entry = dict(activity=f"[{lo:.2f}, {hi:.2f}{']' if last else ')'}", tracks=len(members))
     if members:
-      for key, agg in aggregate_rows(members, SCORES).items():
+      for key, agg in aggregate_rows(members, keys).items():
         entry[f"{key}_median"], entry[f"{key}_mean"] = agg["median"], agg["mean"]
     out.append(entry)
   return out
@@ -115,7 +147,8 @@ def evaluate(separator, data_dir: str, split: str = "test", *, progress: bool = 
              max_tracks: int | None = None) -> dict[str, Any]:
   """Evaluates `separator` on the `split` tracks of the MUSDB18-HQ-layout `data_dir`.
 
-  Returns {"tracks": per-track rows, "aggregate": median/mean/count per score,
+  Returns {"stems": the scored stems, "tracks": per-track rows, "aggregate": median/mean/count
+  per score,
   "baseline": the same for the mixture-as-estimate, "sparse": the vocal-activity breakdown,
   "failed": [{"track", "error"}] of tracks that could not be scored (logged, left out),
   "undefined": [{"track", "scores"}] of scored tracks with a NaN score (logged, listed)}.
@@ -144,15 +177,17 @@ def evaluate(separator, data_dir: str, split: str = "test", *, progress: bool = 
   if not rows:
     raise ValueError(f"{data_dir}: no track of split {split!r} could be scored; the first: "
                      f"{failed[0]['error']}")
-  undefined = [dict(track=r["track"], scores=", ".join(k for k in SCORES if np.isnan(r[k])))
-               for r in rows if any(np.isnan(r[k]) for k in SCORES)]
+  stems = tuple(getattr(separator, "stems", STEMS))
+  keys = score_keys(stems)
+  undefined = [dict(track=r["track"], scores=", ".join(k for k in keys if np.isnan(r[k])))
+               for r in rows if any(np.isnan(r[k]) for k in keys)]
   if undefined:
     logging.warning("%d track(s) with an undefined (NaN) score, left out of that score's "
                     "aggregate (a stem silent in every frame?): %s", len(undefined),
                     ", ".join(u["track"] for u in undefined))
-  return dict(tracks=rows, aggregate=aggregate_rows(rows, SCORES),
-              baseline=aggregate_rows(rows, BASELINE_SCORES), sparse=sparse_breakdown(rows),
-              failed=failed, undefined=undefined)
+  return dict(stems=list(stems), tracks=rows, aggregate=aggregate_rows(rows, keys),
+              baseline=aggregate_rows(rows, score_keys(stems, "mix_")),
+              sparse=sparse_breakdown(rows, keys=keys), failed=failed, undefined=undefined)
 
 
 def segment_study(make_separator, segments: Sequence[float], data_dir: str,
@@ -178,7 +213,7 @@ def markdown_table(results: dict[str, Any]) -> str:
   lines = ["| estimate | stem | cSDR median | cSDR mean | uSDR median | uSDR mean | tracks "
            "(cSDR / uSDR) |", "|---|---|---|---|---|---|---|"]
   for name, key, prefix in (("model", "aggregate", ""), ("mixture", "baseline", "mix_")):
-    for stem in STEMS:
+    for stem in results.get("stems", STEMS):
       c, u = results[key][f"{prefix}{stem}_csdr"], results[key][f"{prefix}{stem}_usdr"]
       lines.append(f"| {name} | {stem} | {c['median']:.3f} | {c['mean']:.3f} | "
                    f"{u['median']:.3f} | {u['mean']:.3f} | {c['count']:.0f} / "
@@ -194,14 +229,16 @@ def _table(rows: Sequence[dict], keys: Sequence[str]) -> str:
 
 def markdown_report(results: dict[str, Any], study: Sequence[dict] | None = None) -> str:
   """The aggregate table, the sparse-vocal breakdown and the segment study as markdown."""
+  stems = results.get("stems", STEMS)
   text = ["## Aggregate (over tracks)", markdown_table(results),
           f"\n## Vocal activity (1-s frames with vocal RMS >= {ACTIVITY_THRESHOLD_DB:g} dBFS)",
-          _table(results["sparse"], ["activity", "tracks", "vocals_csdr_median",
-                                     "vocals_usdr_mean", "accompaniment_csdr_median"])]
+          _table(results["sparse"], ["activity", "tracks"] + [
+              f"{stem}_{m}" for stem in stems for m in ("csdr_median", "usdr_mean")])]
   if study:
     text += ["\n## Segment length (no overlap)",
-             _table(study, ["segment", "vocals_csdr_median", "vocals_csdr_mean",
-                            "vocals_usdr_median", "vocals_usdr_mean"])]
+             _table(study, ["segment"] + [f"{stem}_{m}" for stem in stems
+                                          for m in ("csdr_median", "csdr_mean", "usdr_median",
+                                                    "usdr_mean")])]
   if results.get("failed"):
     text += ["\n## Tracks left out (could not be scored)", _table(results["failed"],
                                                                    ["track", "error"])]
@@ -246,11 +283,13 @@ def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict
   path = lambda name: os.path.join(output_dir, name)
   _write_csv(path("per_track.csv"), results["tracks"])
   _write_csv(path("sparse_vocals.csv"), results["sparse"])
-  plots.per_track_scores(path("per_track.png"), results["tracks"], SCORES)
+  stems = results.get("stems", STEMS)
+  plots.per_track_scores(path("per_track.png"), results["tracks"], score_keys(stems))
   written = ["per_track.csv", "sparse_vocals.csv", "per_track.png"]
   if study:
     _write_csv(path("segment_study.csv"), study)
-    plots.segment_study(path("sdr_vs_segment.png"), study)
+    plots.segment_study(path("sdr_vs_segment.png"), study,
+                        [s for s in stems if s != RESIDUAL])
     written += ["segment_study.csv", "sdr_vs_segment.png"]
   with open(path("results.json"), "w") as f:
     json.dump(_strict_json(dict(results, segment_study=list(study or []))), f, indent=1,

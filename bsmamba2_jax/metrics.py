@@ -18,6 +18,7 @@ and by test-set evaluation alike.
 """
 
 import warnings
+from typing import Sequence
 
 import numpy as np
 
@@ -102,14 +103,16 @@ def csdr(references, estimates, sample_rate: int = 44100, window=None,
 STEMS = ("vocals", "accompaniment")
 
 
-def separation_scores(references: dict, estimates: dict,
-                      sample_rate: int = 44100) -> dict[str, float]:
-  """{stem}_csdr and {stem}_usdr (dB) of the (C, N) `estimates` of both STEMS against the
-  `references`, cSDR evaluating the two stems together (museval refuses a single estimate)."""
-  refs = np.stack([references[s] for s in STEMS])
-  ests = np.stack([estimates[s] for s in STEMS])
+def separation_scores(references: dict, estimates: dict, sample_rate: int = 44100,
+                      stems: Sequence[str] = STEMS) -> dict[str, float]:
+  """{stem}_csdr and {stem}_usdr (dB) of the (C, N) `estimates` of every stem of `stems`
+  against the `references`, cSDR evaluating the stems together as one set (museval refuses a
+  single estimate: a one-stem model is scored with its residual, e.g. vocals and
+  accompaniment)."""
+  refs = np.stack([references[s] for s in stems])
+  ests = np.stack([estimates[s] for s in stems])
   scores = dict(csdr=csdr(refs, ests, sample_rate=sample_rate), usdr=usdr(refs, ests))
-  return {f"{stem}_{name}": float(scores[name][i]) for i, stem in enumerate(STEMS)
+  return {f"{stem}_{name}": float(scores[name][i]) for i, stem in enumerate(stems)
           for name in ("csdr", "usdr")}
 
 

@@ -39,17 +39,19 @@ def per_track_scores(path: str, rows: Sequence[dict], keys: Sequence[str]) -> No
   _save(fig, path, 120)
 
 
-def segment_study(path: str, study: Sequence[dict]) -> None:
-  """Vocals cSDR (median) and uSDR (mean) against the segment length of the input-length study."""
+def segment_study(path: str, study: Sequence[dict], stems: Sequence[str] = ("vocals",)) -> None:
+  """cSDR (median) and uSDR (mean) of each of `stems` against the segment length of the
+  input-length study."""
   plt = _pyplot()
   seg = [r["segment"] for r in study]
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(seg, [r["vocals_csdr_median"] for r in study], "o-", label="vocals cSDR (median)")
-  ax.plot(seg, [r["vocals_usdr_mean"] for r in study], "s-", label="vocals uSDR (mean)")
+  for stem in stems:
+    ax.plot(seg, [r[f"{stem}_csdr_median"] for r in study], "o-", label=f"{stem} cSDR (median)")
+    ax.plot(seg, [r[f"{stem}_usdr_mean"] for r in study], "s--", label=f"{stem} uSDR (mean)")
   ax.set_xscale("log", base=2)
   ax.set_xticks(seg, [f"{s:g}" for s in seg])
   ax.set(xlabel="segment length (s), no overlap", ylabel="SDR (dB)")
-  ax.legend()
+  ax.legend(fontsize="small")
   _save(fig, path, 120)
 
 

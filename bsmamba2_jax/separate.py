@@ -20,7 +20,7 @@ from bsmamba2_jax.audio_io.paths import (DEFAULT_TEMPLATE, check_template, find_
 from bsmamba2_jax.audio_io.reader import AudioReader
 from bsmamba2_jax.audio_io.writer import LOSSY, AudioWriter, check_format
 from bsmamba2_jax.errors import InputError
-from bsmamba2_jax.separator import STEMS, Separator
+from bsmamba2_jax.separator import Separator
 
 
 @dataclasses.dataclass
@@ -37,7 +37,8 @@ class FileResult:
 def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
                   fmt: str = "wav", bit_depth: str = "24", quality: float = 0.8,
                   progress: bool = True) -> FileResult:
-  """Separates the file at `path` into `outputs` (stem -> path, any of STEMS), streaming;
+  """Separates the file at `path` into `outputs` (stem -> path, any of `separator.stems`),
+  streaming;
   raises InputError naming the file when it cannot (the outputs' temporary files are then
   removed)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -55,11 +56,11 @@ def separate_file(separator: Separator, path: str, outputs: dict[str, str], *,
       writers[stem] = AudioWriter(out_path, reader.sample_rate, reader.channels, fmt, bit_depth,
                                   quality)
     done = 0
-    for mixture, vocals in separator.stream(reader.blocks(separator.segment_samples),
-                                            reader.sample_rate, reader.channels):
+    for mixture, stems in separator.stream(reader.blocks(separator.segment_samples),
+                                           reader.sample_rate, reader.channels):
       for stem, writer in writers.items():
-        writer.write(vocals if stem == "vocals" else mixture - vocals)
-      done += vocals.shape[1]
+        writer.write(stems[stem])
+      done += mixture.shape[1]
       elapsed = time.perf_counter() - start
       bar.update(round(done / reader.sample_rate - bar.n, 2))
       bar.set_postfix_str(f"{done / reader.sample_rate / max(elapsed, 1e-9):.2f}x real time",
@@ -112,10 +113,11 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
                    precision: str = "auto", device: str | None = None,
                    output_dir: str = "separated",
                    template: str = DEFAULT_TEMPLATE, fmt: str = "wav", bit_depth: str = "24",
-                   quality: float = 0.8, stems: Sequence[str] = STEMS, segment: float = 8.0,
+                   quality: float = 0.8, stems: Sequence[str] | None = None, segment: float = 8.0,
                    overlap: float = 0.25, batch_size: int = 1, overwrite: bool = False,
                    progress: bool = True) -> list[FileResult]:
-  """Separates every input (files, folders, globs) into a file per stem of `stems`.
+  """Separates every input (files, folders, globs) into a file per stem of `stems` (None: every
+  stem the model gives, `Separator.stems`, e.g. vocals and accompaniment).
 
   Give a `checkpoint` (export or PyTorch file), a registered `model` name (downloaded on first
   use, `registry`) or a ready `separator`; `precision` and `device` apply to the first two
@@ -130,10 +132,8 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
   check_format(fmt, bit_depth)
   if not 0.0 <= quality <= 1.0:
     raise ValueError(f"--quality must be in [0, 1], got {quality}")
-  unknown = sorted(set(stems) - set(STEMS))
-  if unknown or not stems:
-    raise ValueError(f"unknown stem(s) {unknown}; choose from {', '.join(STEMS)}")
-  stems = [s for s in STEMS if s in stems]
+  if stems is not None and (isinstance(stems, str) or not stems):
+    raise ValueError(f"stems must be a list of stem names, got {stems!r}")
   check_template(template)
   paths, missing = find_inputs(inputs, exclude=output_dir)
   results = [FileResult(pattern, error=problem) for pattern, problem in missing.items()]
@@ -152,6 +152,11 @@ def separate_files(inputs: Sequence[str], *, checkpoint: str | None = None,
       raise ValueError("give a checkpoint (export or PyTorch .ckpt), a model name or a "
                        "separator")
     logging.info("computing in %s (--precision %s)", separator.dtype, precision)
+  unknown = sorted(set(stems or ()) - set(separator.stems))
+  if unknown:
+    raise ValueError(f"unknown stem(s) {', '.join(unknown)}: this model gives "
+                     f"{', '.join(separator.stems)}")
+  stems = [s for s in separator.stems if stems is None or s in stems]
   sources = {os.path.realpath(p): p for p in paths}
   claimed = {}  # output path -> the input that writes it in this run
   for path in paths:

@@ -4,8 +4,8 @@ The model sees fixed-shape chunks `(batch_size, channels, segment_samples)` at 4
 Everything around it streams, so memory does not grow with a signal's length:
 
   input blocks (input rate) -> soxr resample to 44.1 kHz -> `OverlapAdd` (chunks, batched
-  model calls, crossfade) -> soxr resample back -> vocals blocks aligned with the mixture
-  -> accompaniment = mixture - vocals.
+  model calls, crossfade) -> soxr resample back -> blocks of every stem aligned with the
+  mixture -> for a one-stem model, accompaniment = mixture - stem.
 
 Chunking (docs/separation.md): chunk k covers `[k·hop, k·hop + segment)` with `hop = segment -
 overlap_samples`; the tail chunk is zero-padded. Every chunk is weighted by a trapezoid window
@@ -21,13 +21,15 @@ its own batch item. More than two channels is an error. Files are read and writt
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import soxr
 
 MODEL_RATE = 44100
+# What a one-stem vocals model writes: its stem, and the residual mixture - vocals.
 STEMS = ("vocals", "accompaniment")
+RESIDUAL = "accompaniment"
 # Longest accepted segment: the model's memory grows with the chunk (it trained on 8 s).
 MAX_SEGMENT_SECONDS = 600.0
 
@@ -51,14 +53,16 @@ def crossfade_window(segment_samples: int, overlap_samples: int) -> np.ndarray:
 class OverlapAdd:
   """Streaming chunked separation at the model rate.
 
-  `push(block)` takes (C, n) float32 audio and returns the (C, m) vocals that are final so far
+  `push(block)` takes (C, n) float32 audio and returns the (O, m) outputs that are final so far
   (no later chunk touches them); `finish()` processes the zero-padded tail and returns the rest,
-  so that the concatenated outputs have exactly the pushed length.
+  so that the concatenated outputs have exactly the pushed length. O = `out_channels`, e.g. the
+  channels of every stem one after another.
   """
 
   def __init__(self, separate_chunks: ChunkFn, channels: int, segment_samples: int,
-               overlap_samples: int, batch_chunks: int):
-    """`separate_chunks` maps (k, C, segment_samples) to vocals of the same shape, k <= batch_chunks."""
+               overlap_samples: int, batch_chunks: int, out_channels: int | None = None):
+    """`separate_chunks` maps (k, C, segment_samples) chunks, k <= batch_chunks, to outputs
+    (k, O, segment_samples); O = `out_channels` (default C)."""
     if not 0 <= overlap_samples < segment_samples:
       raise ValueError(f"overlap must be in [0, segment): got {overlap_samples} of "
                        f"{segment_samples} samples")
@@ -72,12 +76,12 @@ class OverlapAdd:
     self._pushed = 0
     self._next = 0  # index of the next chunk to cut
     self._pending: list[tuple[int, np.ndarray]] = []  # (chunk index, (C, S)) awaiting a batch
-    self._acc = np.zeros((channels, 0))  # weighted sum, starts at sample self._emitted
+    self._acc = np.zeros((out_channels or channels, 0))  # weighted sum from self._emitted
     self._wsum = np.zeros(0)
     self._emitted = 0
 
   def push(self, block: np.ndarray) -> np.ndarray:
-    """Adds (C, n) samples; returns the (C, m) vocals now final."""
+    """Adds (C, n) samples; returns the (O, m) outputs now final."""
     self._input = np.concatenate([self._input, block], axis=1)
     self._pushed += block.shape[1]
     while self._next * self._hop + self._segment <= self._pushed:
@@ -87,7 +91,7 @@ class OverlapAdd:
     return self._emit()
 
   def finish(self) -> np.ndarray:
-    """Cuts the remaining (zero-padded) chunks, runs them and returns the last vocals."""
+    """Cuts the remaining (zero-padded) chunks, runs them and returns the last outputs."""
     while self._next == 0 or (self._next - 1) * self._hop + self._segment < self._pushed:
       self._cut()
     while self._pending:
@@ -107,13 +111,13 @@ class OverlapAdd:
 
   def _run(self):
     batch, self._pending = self._pending[:self._batch], self._pending[self._batch:]
-    vocals = np.asarray(self._fn(np.stack([c for _, c in batch])), np.float64)
+    outputs = np.asarray(self._fn(np.stack([c for _, c in batch])), np.float64)
     end = (batch[-1][0] * self._hop + self._segment) - self._emitted
     if end > self._wsum.shape[0]:
       grow = end - self._wsum.shape[0]
       self._acc = np.pad(self._acc, ((0, 0), (0, grow)))
       self._wsum = np.pad(self._wsum, (0, grow))
-    for (k, _), v in zip(batch, vocals):
+    for (k, _), v in zip(batch, outputs):
       start = k * self._hop - self._emitted
       self._acc[:, start:start + self._segment] += v * self._window
       self._wsum[start:start + self._segment] += self._window
@@ -167,11 +171,14 @@ def jax_device(spec: str | None):
 
 
 class Separator:
-  """Vocal separation of arrays and streams with a fixed-shape batched model function.
+  """Source separation of arrays and streams with a fixed-shape batched model function.
 
   `model_fn` maps (batch_size, channels, segment_samples) float32 mixtures at `sample_rate`
-  (44.1 kHz) to vocals of the same shape; it is always called with exactly that shape (the last
-  batch is zero-padded), so a jitted model compiles once. With
+  (44.1 kHz) to the model's stems, named by `stems`: (batch_size, channels, segment_samples)
+  for one stem, (batch_size, n, channels, segment_samples) for n. It is always called with
+  exactly that shape (the last batch is zero-padded), so a jitted model compiles once. `stems`
+  (the attribute) names what it gives: the model's stems, and for a one-stem model also the
+  residual "accompaniment" = mixture − stem. With
   `fixed_batch=False` a last batch of k < batch_size chunks is padded only to the next power of
   two: a short file then costs what it holds, not a whole batch, for at most log2(batch_size)
   more compiled shapes (`from_model` does this). `shortest_segment`: the shortest chunk in
@@ -181,7 +188,8 @@ class Separator:
 
   def __init__(self, model_fn: ChunkFn, *, sample_rate: int = MODEL_RATE,
                channels: int = 2, segment: float = 8.0, overlap: float = 0.25,
-               batch_size: int = 1, shortest_segment: float = 0.0, fixed_batch: bool = True):
+               batch_size: int = 1, shortest_segment: float = 0.0, fixed_batch: bool = True,
+               stems: Sequence[str] = ("vocals",)):
     if sample_rate != MODEL_RATE:
       raise ValueError(f"the model must run at {MODEL_RATE} Hz, got sample_rate={sample_rate}")
     if channels not in (1, 2):
@@ -195,6 +203,8 @@ class Separator:
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.model_fn = model_fn
+    self.model_stems = tuple(stems)
+    self.stems = self.model_stems + ((RESIDUAL,) if len(self.model_stems) == 1 else ())
     self.sample_rate = sample_rate
     self.channels = channels
     self.segment = segment
@@ -242,7 +252,8 @@ class Separator:
 
     kwargs.setdefault("fixed_batch", False)  # jit compiles each batch shape on first use
     separator = cls(model_fn, sample_rate=config.sample_rate, channels=config.audio_channels,
-                    shortest_segment=config.n_fft / config.sample_rate, **kwargs)
+                    shortest_segment=config.n_fft / config.sample_rate, stems=config.stems,
+                    **kwargs)
     separator.dtype = config.dtype
     return separator
 
@@ -267,7 +278,8 @@ class Separator:
     return cls.from_checkpoint(registry.pretrained(name, progress=progress), **kwargs)
 
   def _run_chunks(self, chunks: np.ndarray) -> np.ndarray:
-    """(k, Ci, S) mixtures -> (k, Ci, S) vocals, adapting channels and padding the batch."""
+    """(k, Ci, S) mixtures -> (k, n·Ci, S): the n model stems one after another, adapting
+    channels and padding the batch."""
     k, ci, s = chunks.shape
     if ci == self.channels:
       items = chunks
@@ -277,42 +289,47 @@ class Separator:
       items = chunks.reshape(k * ci, 1, s)
     out = np.concatenate([self._run_batch(items[i:i + self.batch_size])
                           for i in range(0, items.shape[0], self.batch_size)])
+    n = out.shape[1]                                    # out: (items, n, C, S)
     if ci == self.channels:
-      return out
+      return out.reshape(k, n * ci, s)
     if self.channels == 2:
-      return out.mean(axis=1, keepdims=True)
-    return out.reshape(k, ci, s)
+      return out.mean(axis=2)
+    return out.reshape(k, ci, n, s).transpose(0, 2, 1, 3).reshape(k, n * ci, s)
 
   def _run_batch(self, items: np.ndarray) -> np.ndarray:
-    """(k, C, S) items, k <= batch_size -> their (k, C, S) vocals, zero-padded to the batch
+    """(k, C, S) items, k <= batch_size -> their (k, n, C, S) stems, zero-padded to the batch
     shape `model_fn` takes (batch_size, or with fixed_batch False the next power of two)."""
     k = items.shape[0]
     size = self.batch_size if self.fixed_batch else min(self.batch_size, 1 << (k - 1).bit_length())
     padded = np.concatenate([items, np.zeros((size - k,) + items.shape[1:], np.float32)])
-    return np.asarray(self.model_fn(padded), np.float32)[:k]
+    out = np.asarray(self.model_fn(padded), np.float32)[:k]
+    return out[:, None] if out.ndim == items.ndim else out
 
   def stream(self, blocks: Iterable[np.ndarray], sample_rate: int,
-             channels: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+             channels: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Separates a stream of (channels, n) float32 blocks at `sample_rate`.
 
-    Yields aligned `(mixture, vocals)` blocks (channels, m) at `sample_rate` whose total length
-    equals the input's. Raises ValueError on non-finite samples.
+    Yields aligned `(mixture, stems)` blocks at `sample_rate`: the mixture (channels, m) and
+    {name: (channels, m)} for every name of `stems`; their total length equals the input's.
+    Raises ValueError on non-finite samples.
     """
     chunks_per_batch = max(1, self.batch_size // (channels if self.channels == 1 else 1))
+    outputs = len(self.model_stems) * channels
     engine = OverlapAdd(self._run_chunks, channels, self.segment_samples,
-                        self.overlap_samples, chunks_per_batch)
+                        self.overlap_samples, chunks_per_batch, out_channels=outputs)
     down = Resampler(sample_rate, self.sample_rate, channels)
-    up = Resampler(self.sample_rate, sample_rate, channels)
-    mixture = np.zeros((channels, 0), np.float32)  # input awaiting its vocals
+    up = Resampler(self.sample_rate, sample_rate, outputs)
+    mixture = np.zeros((channels, 0), np.float32)  # input awaiting its stems
     total = 0
     emitted = 0
 
-    def aligned(vocals):
+    def aligned(separated):
+      """(n·channels, m) stems at the input rate -> (mixture, {name: (channels, m')})."""
       nonlocal mixture, emitted
-      n = min(vocals.shape[1], total - emitted)
+      n = min(separated.shape[1], total - emitted)
       mix, mixture = mixture[:, :n], mixture[:, n:]
       emitted += n
-      return mix, vocals[:, :n]
+      return mix, self._named(mix, separated[:, :n])
 
     for block in blocks:
       block = np.asarray(block, np.float32)
@@ -321,24 +338,31 @@ class Separator:
         raise ValueError(f"non-finite sample (NaN or Inf) at frame {bad}")
       mixture = np.concatenate([mixture, block], axis=1)
       total += block.shape[1]
-      vocals = up(engine.push(down(block)))
-      if vocals.shape[1]:
-        yield aligned(vocals)
+      separated = up(engine.push(down(block)))
+      if separated.shape[1]:
+        yield aligned(separated)
     tail = engine.push(down(np.zeros((channels, 0), np.float32), last=True))
-    vocals = up(np.concatenate([tail, engine.finish()], axis=1), last=True)
-    mix, vocals = aligned(vocals)
-    if emitted < total:  # resampling there and back may come out a sample short
-      vocals = np.pad(vocals, ((0, 0), (0, total - emitted)))
-      mix = np.concatenate([mix, mixture], axis=1)
-    yield mix, vocals
+    separated = up(np.concatenate([tail, engine.finish()], axis=1), last=True)
+    short = total - emitted - separated.shape[1]
+    if short > 0:  # resampling there and back may come out a sample short
+      separated = np.pad(separated, ((0, 0), (0, short)))
+    yield aligned(separated)
+
+  def _named(self, mixture: np.ndarray, separated: np.ndarray) -> dict[str, np.ndarray]:
+    """(n·C, m) stems one after another -> {name: (C, m)}, with the residual for one stem."""
+    parts = np.split(separated, len(self.model_stems), axis=0)
+    named = dict(zip(self.model_stems, parts))
+    if len(self.model_stems) == 1:
+      named[RESIDUAL] = mixture - parts[0]
+    return named
 
   def separate(self, audio: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
     """Separates `audio` (samples,) or (channels, samples) at `sample_rate`.
 
     Float audio is taken as is (full scale ±1); integer PCM (int16, int32, or offset uint8 as
-    `scipy.io.wavfile` reads them) is scaled to ±1 as soundfile reads it. Returns {"vocals",
-    "accompaniment"} float32 arrays of the input's shape and rate, with accompaniment =
-    mixture - vocals.
+    `scipy.io.wavfile` reads them) is scaled to ±1 as soundfile reads it. Returns {name: array}
+    for every name of `stems` (e.g. "vocals" and "accompaniment" = mixture - vocals), float32
+    arrays of the input's shape and rate.
     """
     audio = np.asarray(audio)
     if audio.ndim not in (1, 2):
@@ -366,7 +390,5 @@ class Separator:
     block = self.segment_samples
     parts = list(self.stream((x[:, i:i + block] for i in range(0, x.shape[1], block)),
                              int(sample_rate), x.shape[0]))
-    mixture = np.concatenate([m for m, _ in parts], axis=1)
-    vocals = np.concatenate([v for _, v in parts], axis=1)
-    out = dict(zip(STEMS, (vocals, mixture - vocals)))
-    return {k: v.reshape(audio.shape) for k, v in out.items()}
+    return {name: np.concatenate([stems[name] for _, stems in parts], axis=1).reshape(audio.shape)
+            for name in self.stems}

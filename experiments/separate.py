@@ -1,4 +1,4 @@
-"""Separates songs into vocals and accompaniment: `bsmamba2-separate [options] INPUT...`.
+"""Separates songs into stems (a vocals model: vocals, accompaniment): `bsmamba2-separate INPUT...`.
 
   bsmamba2-separate song.mp3                          # the default model, into ./separated
   bsmamba2-separate -n bsmamba2-vocals-official -o out --format=mp3 albums/ 'live/*.m4a'
@@ -21,7 +21,6 @@ from absl import app, flags, logging
 from bsmamba2_jax import registry, runtime, separate
 from bsmamba2_jax.audio_io.paths import DEFAULT_TEMPLATE
 from bsmamba2_jax.audio_io.writer import FORMATS
-from bsmamba2_jax.separator import STEMS
 from experiments import cli
 
 _INPUT = cli.DEFINE_multi_path("input", [], "Audio files, folders (recursive) or globs, as well "
@@ -37,7 +36,9 @@ _TEMPLATE = flags.DEFINE_string(
     "template", DEFAULT_TEMPLATE,
     "Output path under --output_dir; fields {track} (input name), {trackext} (its extension), "
     "{folder} (its folder's name), {stem}, {ext}.")
-_STEM = flags.DEFINE_enum("stem", None, list(STEMS), "Write this stem only (default: both).")
+_STEM = flags.DEFINE_multi_string(
+    "stem", [], "Write this stem only; repeat for several (default: every stem of the model, "
+    "for a one-stem model also the accompaniment).")
 _FORMAT = flags.DEFINE_enum("format", "wav", list(FORMATS), "Output file format.")
 _BIT_DEPTH = flags.DEFINE_enum("bit_depth", "24", ["16", "24", "32f"],
                                "WAV/FLAC sample format (32f: float, WAV only).")
@@ -86,7 +87,7 @@ def main(argv):
         model=None if _CHECKPOINT.value else _MODEL.value, precision=_PRECISION.value,
         device=_DEVICE.value, output_dir=_OUTPUT_DIR.value, template=_TEMPLATE.value,
         fmt=_FORMAT.value, bit_depth=_BIT_DEPTH.value, quality=_QUALITY.value,
-        stems=[_STEM.value] if _STEM.value else STEMS, segment=_SEGMENT.value,
+        stems=_STEM.value or None, segment=_SEGMENT.value,
         overlap=_OVERLAP.value, batch_size=_BATCH_SIZE.value, overwrite=_OVERWRITE.value,
         progress=_PROGRESS.value)
   except (ValueError, FileNotFoundError) as e:
