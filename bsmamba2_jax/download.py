@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import html.parser
 import http.client
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -107,18 +108,20 @@ def _confirmed(url: str, page: bytes) -> str | None:
   return None
 
 
-def _transfer(url: str, part: str, *, size: int | None, progress: bool, desc: str) -> None:
+def _transfer(url: str, part: str, *, size: int | None, progress: bool,
+              desc: str) -> int | None:
   """Appends what `url` holds past the bytes already in `part` (restarting if the server ignores
-  the Range request); follows Google Drive's confirmation page once."""
+  the Range request); follows Google Drive's confirmation page once. Returns the whole file's
+  size as the server gave it (None where it did not say)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   for _ in range(2):  # the second pass follows a confirmation page
     start = os.path.getsize(part) if os.path.exists(part) else 0
     if size is not None and start >= size:
-      return
+      return size
     response = _open(url, start)
     if response is None:
-      return
+      return size
     with response:
       resumed = start and response.status == 206
       total = response.length
@@ -144,15 +147,17 @@ def _transfer(url: str, part: str, *, size: int | None, progress: bool, desc: st
           try:
             block = response.read(CHUNK)
           except (http.client.HTTPException, OSError):  # cut: what arrived stays, to resume
-            return
-    return
+            return expected
+    return expected
   raise DownloadError(f"{url}: the server kept answering with a confirmation page")
 
 
-def fetch(url: str, path: str, *, sha256: str, size: int | None = None, progress: bool = True,
-          desc: str | None = None) -> str:
+def fetch(url: str, path: str, *, sha256: str | None, size: int | None = None,
+          progress: bool = True, desc: str | None = None) -> str:
   """`path`, downloaded from `url` unless it is already there; verified against `size` and
-  `sha256` before it gets its name. A cut transfer is resumed (up to ATTEMPTS times here; what
+  `sha256` before it gets its name. Where they are not known (None: an entry whose publishers
+  give neither), the size the server states is verified instead, and the sha256 found is logged
+  so that it can be pinned. A cut transfer is resumed (up to ATTEMPTS times here; what
   arrived stays in `<path>.part` for the next call). Raises DownloadError, `path` untouched.
   The caller holds `locked(folder of path)` when processes may fetch it at once."""
   part = path + ".part"
@@ -161,7 +166,9 @@ def fetch(url: str, path: str, *, sha256: str, size: int | None = None, progress
   try:
     for attempt in range(ATTEMPTS):
       before = os.path.getsize(part) if os.path.exists(part) else 0
-      _transfer(url, part, size=size, progress=progress, desc=desc or os.path.basename(path))
+      stated = _transfer(url, part, size=size, progress=progress,
+                         desc=desc or os.path.basename(path))
+      size = size or stated
       got = os.path.getsize(part) if os.path.exists(part) else 0
       if size is None or got >= size or got == before or attempt == ATTEMPTS - 1:
         break
@@ -172,7 +179,10 @@ def fetch(url: str, path: str, *, sha256: str, size: int | None = None, progress
                           + (" (the transfer was cut; run again to resume it)" if got < size
                              else ""))
     digest = sha256_of(part)
-    if digest != sha256:
+    if sha256 is None:
+      logging.warning("%s: no sha256 is published for this file; the one received (%s bytes) has "
+                      "sha256 %s", url, f"{got:,}", digest)
+    elif digest != sha256:
       os.remove(part)
       raise DownloadError(f"{url}: sha256 {digest} does not match the expected {sha256}")
     os.replace(part, path)

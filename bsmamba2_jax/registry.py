@@ -35,7 +35,8 @@ class RegistryError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """One registry entry (the fields of a `[models.NAME]` table)."""
+  """One registry entry (the fields of a `[models.NAME]` table). `sha256 = ""` and no `size`:
+  neither is published; the download is then checked against the size its server states."""
   name: str
   url: str
   sha256: str
@@ -134,8 +135,8 @@ def pretrained(name: str, *, progress: bool = True,
     if is_cached(model, environ):
       return target
     try:
-      download.fetch(model.url, path, sha256=model.sha256, size=model.size, progress=progress,
-                     desc=name)
+      download.fetch(model.url, path, sha256=model.sha256 or None, size=model.size,
+                     progress=progress, desc=name)
     except download.DownloadError as e:
       raise RegistryError(f"model {name}: {e}; {_by_hand(model, path)}") from None
     if os.path.isdir(target):  # an earlier conversion that never finished
@@ -152,8 +153,8 @@ def pretrained(name: str, *, progress: bool = True,
 def _by_hand(model: Model, path: str) -> str:
   """How to place the file by hand, for an error message."""
   where = model.manual or model.url
-  return (f"to install it by hand, download {where} (sha256 {model.sha256}) and put it at "
-          f"{path}, then run again")
+  digest = f"sha256 {model.sha256}" if model.sha256 else "no sha256 published"
+  return f"to install it by hand, download {where} ({digest}) and put it at {path}, then run again"
 
 
 def listing(environ: Mapping[str, str] = os.environ) -> str:

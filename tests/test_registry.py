@@ -21,7 +21,8 @@ SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-  """/model.ckpt (Range), /cut.ckpt (the first answer stops half way), /page.html, /empty,
+  """/model.ckpt (Range), /cut.ckpt (the first answer stops half way), /short.ckpt (every answer
+  stops half way), /page.html, /empty,
   /drive?id=X (a Google Drive confirmation page, then the file), anything else 404."""
 
   def log_message(self, *args):  # quiet
@@ -43,9 +44,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server.requests.append((url.path, self.headers.get("Range")))
     ranged = self.headers.get("Range", "")
     self.start = int(ranged[len("bytes="):].split("-")[0]) if ranged else 0
-    if url.path in ("/model.ckpt", "/cut.ckpt", "/drive-download"):
+    if url.path in ("/model.ckpt", "/cut.ckpt", "/short.ckpt", "/drive-download"):
       if url.path == "/drive-download" and "confirm=t" not in url.query:
         return self._send(b"", 403)
+      if url.path == "/short.ckpt":  # promises everything, sends half, every time
+        self._send(PAYLOAD[:len(PAYLOAD) // 2], length=len(PAYLOAD))
+        self.close_connection = True
+        return None
       if url.path == "/cut.ckpt" and not ranged:  # promises everything, sends half, hangs up
         self._send(PAYLOAD[:len(PAYLOAD) // 2], length=len(PAYLOAD))
         self.close_connection = True
@@ -145,6 +150,30 @@ def test_a_failed_fetch_is_one_line_and_caches_nothing(tmp_path, server, path, s
   assert _files(tmp_path / "home") == []
 
 
+def _unpinned(tmp_path, server, path):
+  """An entry like the authors' BS-RoFormer one: neither sha256 nor size published."""
+  (tmp_path / "models.toml").write_text(
+      f'[models.unpinned]\nurl = "http://127.0.0.1:{server.server_port}{path}"\nsha256 = ""\n'
+      "hop_length = 64\n")
+  return {"BSMAMBA2_HOME": str(tmp_path / "home"),
+          "BSMAMBA2_REGISTRY": str(tmp_path / "models.toml")}
+
+
+def test_an_unpinned_file_is_held_to_the_size_its_server_states(tmp_path, server, caplog):
+  environ = _unpinned(tmp_path, server, "/cut.ckpt")
+  assert registry.entry("unpinned", environ).size is None
+  with caplog.at_level("WARNING"):
+    export = registry.pretrained("unpinned", progress=False, environ=environ)
+  assert os.path.isfile(os.path.join(export, "config.json"))  # resumed to the stated size
+  assert f"sha256 {SHA256}" in caplog.text and "no sha256 is published" in caplog.text
+  os.makedirs(tmp_path / "short", exist_ok=True)
+  short = _unpinned(tmp_path / "short", server, "/short.ckpt")
+  with pytest.raises(registry.RegistryError,
+                     match=rf"got {len(PAYLOAD) // 2:,} bytes, expected {len(PAYLOAD):,}"):
+    registry.pretrained("unpinned", progress=False, environ=short)
+  assert "no sha256 published" in registry._by_hand(registry.entry("unpinned", short), "x")
+
+
 def test_no_network_is_one_line(tmp_path):
   import socket
   with socket.socket() as s:  # a port nothing listens on
@@ -175,6 +204,9 @@ def test_the_shipped_registry_names_the_published_files():
   assert "not stated" in vocals.license
   official = models["bsmamba2-vocals-official"]
   assert "1W-IX8I5B2g-8JA5Zaf-HkUul0MpOEBaZ" in official.url and official.size == 770_628_060
+  roformer = models["bsroformer-vocals-official"]
+  assert "1xAjVjCIp71gqjjgCJYjU1yaMLp39pHEm" in roformer.url
+  assert roformer.sha256 == "" and roformer.size is None and "not published" in roformer.notes
 
 
 @pytest.mark.integration
