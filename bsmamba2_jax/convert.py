@@ -210,7 +210,11 @@ def infer_config(state_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
   while f"mask_estimators.{stems}.to_freqs.0.0.0.weight" in sd:
     stems += 1
   hidden = shape("mask_estimators.0.to_freqs.0.0.0.weight")[0]
-  fields.update(stems=tuple(overrides.pop("stems", None) or default_stems(stems)),
+  names = tuple(overrides.pop("stems", None) or default_stems(stems))
+  if len(names) != stems:
+    raise CheckpointError(f"{len(names)} stem name(s) given ({', '.join(names)}) for a checkpoint "
+                          f"of {stems} mask estimator(s)")
+  fields.update(stems=names,
                 mask_hidden_mult=hidden // dim)
 
   channels = overrides.pop("audio_channels", None)

@@ -1,4 +1,5 @@
-"""Official PyTorch checkpoint -> bsmamba2-jax export, and back.
+"""Official PyTorch checkpoint (any module_type, any number of stems) -> bsmamba2-jax export,
+and back.
 
   python -m experiments.convert_torch --torch_ckpt=bs_mamba2_vocals.ckpt --output_dir=exports/official
   python -m experiments.convert_torch --to_torch --export_dir=exports/official --output=model.ckpt
@@ -16,6 +17,9 @@ _HOP = flags.DEFINE_integer("hop_length", 441, "STFT hop (not stored in the weig
 _CHANNELS = flags.DEFINE_enum(
     "audio_channels", None, ["1", "2"],
     "Audio channels of the model, where the band shapes leave it open (default: inferred).")
+_STEMS = flags.DEFINE_list(
+    "stems", None, "Names of the model's stems in order, e.g. drums,bass,other,vocals (not stored "
+    "in the weights; default: vocals for one stem, drums,bass,other,vocals for four).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export / file.")
 _TO_TORCH = flags.DEFINE_bool("to_torch", False, "Convert an export back to a PyTorch .ckpt.")
 _EXPORT_DIR = cli.DEFINE_path("export_dir", None, "With --to_torch: the export to convert.")
@@ -34,10 +38,12 @@ def main(argv):
     else:
       if not (_CKPT.value and _OUT_DIR.value):
         raise app.UsageError("needs --torch_ckpt and --output_dir")
-      channels = {} if _CHANNELS.value is None else dict(audio_channels=int(_CHANNELS.value))
+      given = {} if _CHANNELS.value is None else dict(audio_channels=int(_CHANNELS.value))
+      if _STEMS.value:
+        given["stems"] = tuple(_STEMS.value)
       path = exports.convert_checkpoint(_CKPT.value, _OUT_DIR.value, use_ema=_EMA.value,
                                         overwrite=_OVERWRITE.value, hop_length=_HOP.value,
-                                        **channels)
+                                        **given)
   except (CheckpointError, OSError) as e:  # bad files or folders: one line naming them
     raise SystemExit(f"convert_torch: {e}")
   print(f"wrote {path}")

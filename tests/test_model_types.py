@@ -67,6 +67,8 @@ def test_stem_names_are_inferred_or_given():
   assert convert.infer_config(sd, hop_length=64).stems == ("drums", "bass", "other", "vocals")
   given = convert.infer_config(sd, hop_length=64, stems=("a", "b", "c", "d"))
   assert given.stems == ("a", "b", "c", "d")
+  with pytest.raises(convert.CheckpointError, match="2 stem name.* of 4 mask estimator"):
+    convert.infer_config(sd, hop_length=64, stems=("a", "b"))
   two = ref.random_state_dict("mamba2", widths=WIDTHS, channels=2, num_stems=2, **SIZES)
   assert convert.infer_config(two, hop_length=64).stems == ("stem1", "stem2")
 
