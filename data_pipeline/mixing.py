@@ -3,8 +3,9 @@
 Training example: each of vocals/drums/bass/other comes from an independently drawn salient
 window of an independently drawn track; each is zeroed with probability `p_zero` (0.1),
 otherwise scaled by a gain ~ U(0.5, 1.5); optional channel swap and polarity flip (off by
-default, not in the official recipe); mixture = sum, target = the augmented vocals.
-`mono=True` averages the channels of both (the mixture's mean is the sum of the stems' means).
+default, not in the official recipe); mixture = sum of the four, targets = the augmented sources
+named by `stems` (default the vocals alone; any of `musdb.SOURCES`, in the order given).
+`mono=True` averages the channels of all (the mixture's mean is the sum of the stems' means).
 
 A draw (`draw_mix`) and its rendering (`render_mix`) are separate so that the drawn values can be
 inspected; `random_mix` does both.
@@ -56,15 +57,32 @@ def draw_mix(index: dict[str, list[tuple[int, int]]], rng: np.random.Generator,
   return draws
 
 
+def check_stems(stems) -> tuple[str, ...]:
+  """`stems` as a tuple of distinct MUSDB sources (`musdb.SOURCES`); ValueError naming the stem
+  that is not one (a model's stems are the targets of the training mix)."""
+  names = (stems,) if isinstance(stems, str) else tuple(stems)
+  if not names:
+    raise ValueError(f"no stems given; choose from the MUSDB sources {', '.join(musdb.SOURCES)}")
+  for name in names:
+    if name not in musdb.SOURCES:
+      raise ValueError(f"stem {name!r} is not a MUSDB source; the stems of a model trained on "
+                       f"MUSDB18-HQ must be among {', '.join(musdb.SOURCES)} (got {names})")
+  if len(set(names)) != len(names):
+    raise ValueError(f"stems named more than once: {names}")
+  return names
+
+
 def _stereo(x: np.ndarray) -> np.ndarray:
   """(1 or 2, N) → (2, N)."""
   return np.repeat(x, 2, axis=0) if x.shape[0] == 1 else x
 
 
 def render_mix(tracks: list[musdb.Track], draws: dict[str, StemDraw], segment: int, *,
-               mono: bool = False) -> dict[str, np.ndarray]:
-  """Reads and sums the drawn stems: {"mixture", "vocals"} float32 (C, segment), C = 1 if mono
-  else 2."""
+               mono: bool = False, stems: tuple[str, ...] = ("vocals",)
+               ) -> dict[str, np.ndarray]:
+  """Reads and sums the drawn sources: {"mixture", *stems} float32 (C, segment), C = 1 if mono
+  else 2; each of `stems` (MUSDB sources) is its augmented source."""
+  targets = check_stems(stems)
   stems = {}
   for stem, draw in draws.items():
     if draw.gain == 0.0:
@@ -75,17 +93,18 @@ def render_mix(tracks: list[musdb.Track], draws: dict[str, StemDraw], segment: i
       x = x[::-1]
     stems[stem] = x * np.float32(-draw.gain if draw.flip else draw.gain)
   mixture = stems["vocals"] + stems["drums"] + stems["bass"] + stems["other"]
-  vocals = stems["vocals"]
+  out = dict(mixture=mixture, **{name: stems[name] for name in targets})
   if mono:
-    mixture, vocals = mixture.mean(axis=0, keepdims=True), vocals.mean(axis=0, keepdims=True)
-  return dict(mixture=np.ascontiguousarray(mixture), vocals=np.ascontiguousarray(vocals))
+    out = {name: x.mean(axis=0, keepdims=True) for name, x in out.items()}
+  return {name: np.ascontiguousarray(x) for name, x in out.items()}
 
 
 def random_mix(tracks: list[musdb.Track], index: dict[str, list[tuple[int, int]]],
                rng: np.random.Generator, segment: int, *, mono: bool = False,
-               config: MixConfig = MixConfig()) -> dict[str, np.ndarray]:
-  """One training example: {"mixture", "vocals"} float32 (C, segment)."""
-  return render_mix(tracks, draw_mix(index, rng, config), segment, mono=mono)
+               config: MixConfig = MixConfig(), stems: tuple[str, ...] = ("vocals",)
+               ) -> dict[str, np.ndarray]:
+  """One training example: {"mixture", *stems} float32 (C, segment) (see `render_mix`)."""
+  return render_mix(tracks, draw_mix(index, rng, config), segment, mono=mono, stems=stems)
 
 
 def validation_windows(tracks: list[musdb.Track], segment: int) -> list[tuple[int, int]]:
@@ -95,10 +114,11 @@ def validation_windows(tracks: list[musdb.Track], segment: int) -> list[tuple[in
           for start in range(0, track.num_samples - segment + 1, segment)]
 
 
-def validation_example(track: musdb.Track, start: int, segment: int, *,
-                       mono: bool = False) -> dict[str, np.ndarray]:
-  """The unaugmented window: {"mixture" (from mixture.wav), "vocals"} float32 (C, segment)."""
-  out = {stem: _stereo(track.read(stem, start, segment)) for stem in ("mixture", "vocals")}
+def validation_example(track: musdb.Track, start: int, segment: int, *, mono: bool = False,
+                       stems: tuple[str, ...] = ("vocals",)) -> dict[str, np.ndarray]:
+  """The unaugmented window: {"mixture" (from mixture.wav), *stems} float32 (C, segment)."""
+  out = {stem: _stereo(track.read(stem, start, segment))
+         for stem in ("mixture",) + check_stems(stems)}
   if mono:
     out = {stem: x.mean(axis=0, keepdims=True) for stem, x in out.items()}
   return out

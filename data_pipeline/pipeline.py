@@ -88,15 +88,19 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
                    start_step: int = 0, process_index: int = 0, process_count: int = 1,
                    num_parallel_calls: int = 2, prefetch: int = 2,
                    mix_config: mixing.MixConfig = mixing.MixConfig(),
-                   training_set: tuple[list[musdb.Track], dict] | None = None) -> TrainIterator:
+                   training_set: tuple[list[musdb.Track], dict] | None = None,
+                   stems: tuple[str, ...] = ("vocals",)) -> TrainIterator:
   """Endless random-mix batches of the "train" split of `data_dir` (a MUSDB18-HQ layout).
 
-  Yields {"mixture", "vocals"}: float32 (local_devices, per_device_batch, C, N) with C = 1 if
-  `mono` else 2 and N = segment_seconds · 44100. Windows come from `training_tracks`' salient
-  index (`training_set`: what `training_tracks` already returned, so the split is not listed
-  again). `num_parallel_calls` examples are generated concurrently, `prefetch` batches are kept
-  ready.
+  Yields {"mixture", *stems}: float32 (local_devices, per_device_batch, C, N) with C = 1 if
+  `mono` else 2 and N = segment_seconds · 44100; `stems` are the targets, MUSDB sources
+  (`mixing.render_mix`; ValueError naming one that is not). Windows come from `training_tracks`'
+  salient index (`training_set`: what `training_tracks` already returned, so the split is not
+  listed again). `num_parallel_calls` examples are generated concurrently, `prefetch` batches
+  are kept ready.
   """
+  stems = mixing.check_stems(stems)
+  keys = ("mixture",) + stems
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
@@ -120,21 +124,20 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
     step, example = divmod(int(number), batch)
     try:
       mix = mixing.random_mix(tracks, index, example_rng(seed, process_index, step, example),
-                              segment, mono=mono, config=mix_config)
+                              segment, mono=mono, config=mix_config, stems=stems)
     except Exception as e:
       failures.append(e)
       raise
-    return mix["mixture"], mix["vocals"]
+    return tuple(mix[key] for key in keys)
 
   def generate(number):
-    mixture, vocals = tf.numpy_function(make_example, [number], (tf.float32, tf.float32),
-                                        stateful=False)
-    return (tf.ensure_shape(mixture, (channels, segment)),
-            tf.ensure_shape(vocals, (channels, segment)))
+    arrays = tf.numpy_function(make_example, [number], (tf.float32,) * len(keys),
+                               stateful=False)
+    return tuple(tf.ensure_shape(x, (channels, segment)) for x in arrays)
 
-  def shape_for_pmap(mixture, vocals):
+  def shape_for_pmap(*arrays):
     shape = (local_devices, per_device_batch, channels, segment)
-    return dict(mixture=tf.reshape(mixture, shape), vocals=tf.reshape(vocals, shape))
+    return {key: tf.reshape(x, shape) for key, x in zip(keys, arrays)}
 
   ds = tf.data.Dataset.range(start_step * batch, np.iinfo(np.int64).max)
   ds = ds.map(generate, num_parallel_calls=num_parallel_calls, deterministic=True)
@@ -144,15 +147,18 @@ def train_iterator(data_dir: str, *, segment_seconds: float = 8.0, local_devices
 
 def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_size: int = 1,
                         mono: bool = False, split: str = "valid",
-                        max_examples: int | None = None, warn: bool = True) -> Iterator[dict]:
+                        max_examples: int | None = None, warn: bool = True,
+                        stems: tuple[str, ...] = ("vocals",)) -> Iterator[dict]:
   """Finite batches of aligned, unaugmented windows of `split` (see mixing.validation_windows).
 
-  Yields {"mixture", "vocals"}: float32 (batch, C, N) and "track": list of track names; the last
-  batch may be smaller than `batch_size`. `max_examples` keeps that many windows evenly spaced
+  Yields {"mixture", *stems}: float32 (batch, C, N) and "track": list of track names; the last
+  batch may be smaller than `batch_size`. `stems`: MUSDB sources (ValueError naming one that is
+  not). `max_examples` keeps that many windows evenly spaced
   over all tracks and positions (the first windows alone are mostly the tracks' quiet intros).
   `warn`: name the tracks too short for a window (a caller that validates again and again names
   them once).
   """
+  stems = mixing.check_stems(stems)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if max_examples is not None and max_examples < 1:
@@ -175,10 +181,9 @@ def validation_iterator(data_dir: str, *, segment_seconds: float = 8.0, batch_si
   def batches():
     for first in range(0, len(windows), batch_size):
       chunk = windows[first:first + batch_size]
-      examples = [mixing.validation_example(tracks[i], start, segment, mono=mono)
+      examples = [mixing.validation_example(tracks[i], start, segment, mono=mono, stems=stems)
                   for i, start in chunk]
-      yield dict(mixture=np.stack([ex["mixture"] for ex in examples]),
-                 vocals=np.stack([ex["vocals"] for ex in examples]),
-                 track=[tracks[i].name for i, _ in chunk])
+      batch = {key: np.stack([ex[key] for ex in examples]) for key in ("mixture",) + stems}
+      yield dict(batch, track=[tracks[i].name for i, _ in chunk])
 
   return batches()

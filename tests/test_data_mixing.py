@@ -111,3 +111,59 @@ def test_validation_windows_are_aligned_and_unaugmented(data):
   mono = mixing.validation_example(tracks[0], SEGMENT, SEGMENT, mono=True)
   np.testing.assert_allclose(mono["mixture"][0], out["mixture"].astype(np.float64).mean(0),
                              atol=1e-7)
+
+
+STEMS4 = ("drums", "bass", "other", "vocals")
+
+
+@pytest.mark.parametrize("mono", [False, True])
+def test_four_stem_mix_targets_sum_to_the_mixture(data, mono):
+  _, tracks, index = data
+  rng = np.random.default_rng(6)
+  for _ in range(4):
+    draws = mixing.draw_mix(index, rng)
+    out = mixing.render_mix(tracks, draws, SEGMENT, mono=mono, stems=STEMS4)
+    assert list(out) == ["mixture", *STEMS4]
+    for stem in STEMS4:
+      assert out[stem].shape == (1 if mono else 2, SEGMENT) and out[stem].dtype == np.float32
+      assert out[stem].flags.c_contiguous
+      draw = draws[stem]
+      expected = draw.gain * read64(tracks[draw.track], stem, draw.start)
+      np.testing.assert_allclose(out[stem], expected.mean(0, keepdims=True) if mono else expected,
+                                 atol=1e-7)
+    np.testing.assert_allclose(out["mixture"], sum(out[s].astype(np.float64) for s in STEMS4),
+                               atol=1e-6)
+  # The one-stem default is unchanged: the same draw gives the same mixture and vocals.
+  one = mixing.render_mix(tracks, draws, SEGMENT, mono=mono)
+  assert list(one) == ["mixture", "vocals"]
+  np.testing.assert_array_equal(one["mixture"], out["mixture"])
+  np.testing.assert_array_equal(one["vocals"], out["vocals"])
+  again = mixing.random_mix(tracks, index, np.random.default_rng(7), SEGMENT, stems=STEMS4)
+  np.testing.assert_array_equal(
+      again["bass"], mixing.render_mix(tracks, mixing.draw_mix(index, np.random.default_rng(7)),
+                                       SEGMENT, stems=("bass",))["bass"])
+
+
+def test_stems_must_be_musdb_sources(data):
+  dataset, tracks, index = data
+  draws = mixing.draw_mix(index, np.random.default_rng(8))
+  with pytest.raises(ValueError, match="stem 'piano' is not a MUSDB source.*vocals, drums, bass"):
+    mixing.render_mix(tracks, draws, SEGMENT, stems=("vocals", "piano"))
+  with pytest.raises(ValueError, match="stem 'mixture' is not a MUSDB source"):
+    mixing.random_mix(tracks, index, np.random.default_rng(8), SEGMENT, stems=("mixture",))
+  with pytest.raises(ValueError, match="stem 'guitar' is not a MUSDB source"):
+    mixing.validation_example(dataset.tracks("valid")[0], 0, SEGMENT, stems=("guitar",))
+  with pytest.raises(ValueError, match="more than once"):
+    mixing.check_stems(("bass", "bass"))
+  assert mixing.check_stems("drums") == ("drums",)
+
+
+def test_validation_example_with_stems(data):
+  dataset, _, _ = data
+  track = dataset.tracks("valid")[0]
+  out = mixing.validation_example(track, SEGMENT, SEGMENT, stems=STEMS4)
+  assert list(out) == ["mixture", *STEMS4]
+  for stem in out:
+    np.testing.assert_array_equal(out[stem], read64(track, stem, SEGMENT))
+  mono = mixing.validation_example(track, SEGMENT, SEGMENT, mono=True, stems=("bass", "drums"))
+  assert list(mono) == ["mixture", "bass", "drums"] and mono["bass"].shape == (1, SEGMENT)

@@ -149,3 +149,48 @@ def test_tracks_shorter_than_a_segment_are_named_in_a_warning(root, tmp_path, ca
   caplog.clear()  # a validation after the first names them no more
   list(pipeline.validation_iterator(str(copy), segment_seconds=2.0, split="train", warn=False))
   assert "Short - Intro" not in caplog.text
+
+
+STEMS4 = ("drums", "bass", "other", "vocals")
+
+
+@pytest.mark.parametrize("mono", [False, True])
+def test_four_stem_batches(root, mono):
+  """Every stem as today's "vocals": (devices, b, C, N) float32; the mixture is their sum; the
+  batch is the same pure function of the example seeds."""
+  dataset = musdb.MusdbDataset(root)
+  it = pipeline.train_iterator(root, segment_seconds=SEGMENT_S, local_devices=2,
+                               per_device_batch=2, mono=mono, seed=3, stems=STEMS4)
+  batch = next(it)
+  assert list(batch) == ["mixture", *STEMS4]
+  for x in batch.values():
+    assert x.dtype == np.float32 and x.shape == (2, 2, 1 if mono else 2, N)
+  np.testing.assert_allclose(batch["mixture"], sum(batch[s].astype(np.float64) for s in STEMS4),
+                             atol=1e-5)
+  tracks = dataset.tracks("train")
+  index = salient.salient_index(dataset, "train", SEGMENT_S, SEGMENT_S / 2)
+  expected = mixing.random_mix(tracks, index, pipeline.example_rng(3, 0, 0, 3), N, mono=mono,
+                               stems=STEMS4)
+  for key in batch:
+    np.testing.assert_array_equal(batch[key][1, 1], expected[key])
+  vocals_only = next(pipeline.train_iterator(root, segment_seconds=SEGMENT_S, local_devices=2,
+                                             per_device_batch=2, mono=mono, seed=3))
+  np.testing.assert_array_equal(vocals_only["vocals"], batch["vocals"])
+  with pytest.raises(ValueError, match="stem 'piano' is not a MUSDB source"):
+    pipeline.train_iterator(root, stems=("piano",))
+
+
+def test_four_stem_validation_batches(root):
+  batches = list(pipeline.validation_iterator(root, segment_seconds=2.0, batch_size=2,
+                                              stems=STEMS4))
+  track = musdb.MusdbDataset(root).tracks("valid")[0]
+  assert [b["mixture"].shape for b in batches] == [(2, 2, 88200), (1, 2, 88200)]
+  assert set(batches[0]) == {"mixture", "track", *STEMS4}
+  for stem in STEMS4:
+    assert batches[0][stem].shape == (2, 2, 88200)
+    np.testing.assert_array_equal(batches[1][stem][0], track.read(stem, 2 * 88200, 88200))
+  mono = list(pipeline.validation_iterator(root, segment_seconds=2.0, mono=True, split="test",
+                                           max_examples=2, stems=("bass", "other")))
+  assert [b["bass"].shape for b in mono] == [(1, 1, 88200)] * 2 and "vocals" not in mono[0]
+  with pytest.raises(ValueError, match="stem 'accompaniment' is not a MUSDB source"):
+    pipeline.validation_iterator(root, segment_seconds=2.0, stems=("accompaniment",))

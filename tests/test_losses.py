@@ -90,3 +90,17 @@ def test_get_loss_and_errors():
     losses.official_loss(np.zeros((1, 2, N)), np.zeros((1, 1, N)))
   with pytest.raises(ValueError, match="estimate must be a real waveform"):
     losses.fast_loss(np.zeros((1, 2, N), np.complex64), np.zeros((1, 2, N)))
+
+
+@pytest.mark.parametrize("name, windows, magnitude", [
+    ("official", (4096, 2048, 1024, 512, 256), False), ("fast", (2048, 1024, 512), True)])
+def test_stems_axis_is_one_more_leading_axis(name, windows, magnitude):
+  """A model of n stems gives (b, n, C, N): the L1 terms are means over every element and the
+  STFTs run over the last axis, as the official loss on the stacked stems."""
+  estimate, target = _pair(seed=4, shape=(2, 2, 1, N))
+  loss = losses.get_loss(name)
+  got = loss(estimate, target)
+  want = _numpy_loss(estimate, target, windows, magnitude, True)
+  np.testing.assert_allclose(float(got), want, rtol=2e-5)
+  flat = loss(estimate.reshape(4, 1, N), target.reshape(4, 1, N))
+  np.testing.assert_allclose(float(got), float(flat), rtol=1e-6)

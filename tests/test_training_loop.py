@@ -256,6 +256,37 @@ def test_launcher_with_steps_per_call_equals_single_steps(tmp_path, env, data_di
   assert "OK" in run_python(code, env).stdout
 
 
+def test_launcher_trains_and_validates_a_four_stem_model(tmp_path, env, data_dir):
+  """`--config.model.stems=(...)` from the command line: a 4-stem micro model trains on the
+  4 targets of the random mix and validates every stem (summary, metrics.csv, config.json)."""
+  import csv
+  import json
+  config_file = tmp_path / "micro.py"
+  config_file.write_text(MICRO + textwrap.dedent(f"""
+      def get_config():
+        return micro_config({data_dir!r}, 3)
+      """))
+  run = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--config={config_file}", f"--workdir={run}",
+       "--noprogress", "--config.model.stems=('drums','bass','other','vocals')"],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout[result.stdout.index("{"):])
+  stems = ("drums", "bass", "other", "vocals")
+  assert summary["step"] == 3 and summary["skipped"] == 0 and np.isfinite(summary["loss"])
+  for stem in stems:
+    assert np.isfinite(summary[f"valid_{stem}_usdr"]), summary
+  assert summary["valid_usdr"] == pytest.approx(
+      np.mean([summary[f"valid_{s}_usdr"] for s in stems]))
+  with open(run / "metrics.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["step"] for r in rows] == ["1", "2", "3", "3"]  # 3 losses, then the validation
+  assert float(rows[-1]["valid_bass_csdr"]) == pytest.approx(summary["valid_bass_csdr"])
+  assert tuple(workdir_lib.read_config(str(run)).model.stems) == stems
+  assert workdir_lib.model_config(workdir_lib.read_config(str(run))).stems == stems
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -14,7 +14,8 @@ class ToyModel:
   """estimate = mixture · gain[c] + mixer.A_log[c]: gradients have a closed form."""
 
   @staticmethod
-  def apply(variables, mixture):
+  def apply(variables, mixture, train=False, rngs=None):
+    del train, rngs  # no dropout
     p = variables["params"]
     return mixture * p["gain"][:, None] + p["mixer"]["A_log"][:, None]
 
@@ -180,3 +181,111 @@ def test_weight_decay_mask_spares_mamba_scalars():
   mask = training.weight_decay_mask(params)
   assert mask == {"layer": {"mixer": {"A_log": False, "D": False, "dt_bias": False,
                                       "in_proj": {"kernel": True}}}}
+
+
+# ---- The real model: n stems and dropout. ------------------------------------------------------
+
+STEMS4 = ("drums", "bass", "other", "vocals")
+# A small front end keeps these compiles short (the model's shapes do not depend on it).
+SMALL_FFT = dict(n_fft=256, hop_length=64, band_widths=(32, 32, 65), audio_channels=1)
+
+
+def model_step(config, ema_decay=0.9):
+  """(jitted train_step of BSMamba2(config) with the fast loss, the model, its optimizer)."""
+  from bsmamba2_jax import losses
+  from bsmamba2_jax.model import BSMamba2
+  model = BSMamba2(config)
+  optimizer = training.make_optimizer(optimizer_config(lr=3e-3, weight_decay=0.0, clip=3.0),
+                                      num_steps=10)
+  loss_fn = functools.partial(losses.fast_loss, frontend_n_fft=config.n_fft,
+                              frontend_hop=config.hop_length)
+  step = jax.jit(functools.partial(training.train_step, model=model, optimizer=optimizer,
+                                   loss_fn=loss_fn, ema_decay=ema_decay, axis_name=None))
+  return step, model, optimizer
+
+
+def stems_batch(stems, seed=0, batch=2, samples=2048):
+  rng = np.random.default_rng(seed)
+  parts = {s: (0.1 * rng.standard_normal((batch, 1, samples))).astype(np.float32) for s in stems}
+  return dict(mixture=sum(parts.values()).astype(np.float32), **parts)
+
+
+def test_stack_targets_and_model_stems():
+  batch = stems_batch(STEMS4, samples=8)
+  np.testing.assert_array_equal(training.stack_targets(batch, ("bass",)), batch["bass"])
+  stacked = training.stack_targets(batch, ("other", "drums"))
+  assert stacked.shape == (2, 2, 1, 8)
+  np.testing.assert_array_equal(stacked[:, 0], batch["other"])
+  np.testing.assert_array_equal(stacked[:, 1], batch["drums"])
+  assert training.model_stems(ToyModel) == ("vocals",)
+  from bsmamba2_jax.config import ModelConfig
+  from bsmamba2_jax.model import BSMamba2
+  assert training.model_stems(BSMamba2(ModelConfig.preset("tiny", stems=STEMS4))) == STEMS4
+
+
+class ToyStems:
+  """A model of 2 stems: estimate[:, i] = mixture · gain[i]; it records the train flag and rng."""
+  config = type("Config", (), dict(stems=("other", "drums")))()
+  seen = {}
+
+  @classmethod
+  def apply(cls, variables, mixture, train=False, rngs=None):
+    cls.seen.update(train=train, rngs=rngs)
+    return mixture[:, None] * variables["params"]["gain"][None, :, None, None]
+
+
+def test_targets_are_the_stems_in_the_model_order():
+  optimizer = training.make_optimizer(optimizer_config(), num_steps=10)
+  step = jax.jit(functools.partial(training.train_step, model=ToyStems, optimizer=optimizer,
+                                   loss_fn=mse, ema_decay=0.9, axis_name=None))
+  state = training.TrainState.create({"gain": jnp.array([0.2, 0.7])}, optimizer,
+                                     jax.random.PRNGKey(3))
+  batch = stems_batch(STEMS4, samples=16)
+  _, metrics = step(state, batch)
+  x = batch["mixture"].astype(np.float64)
+  want = np.mean([(0.2 * x - batch["other"]) ** 2, (0.7 * x - batch["drums"]) ** 2])
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+  assert ToyStems.seen["train"] is True and set(ToyStems.seen["rngs"]) == {"dropout"}
+  with pytest.raises(KeyError, match="drums"):
+    step(state, stems_batch(("vocals", "other"), samples=16))
+
+
+def test_four_stem_model_trains_on_the_stacked_stems():
+  from bsmamba2_jax.config import ModelConfig
+  from bsmamba2_jax.model import random_params
+  config = ModelConfig.preset("tiny", depth=1, stems=STEMS4, **SMALL_FFT)
+  step, model, optimizer = model_step(config)
+  state = training.TrainState.create(random_params(config, scale=0.05), optimizer,
+                                     jax.random.PRNGKey(0))
+  batch = stems_batch(STEMS4)
+  estimate = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), state.params,
+                            batch["mixture"])
+  assert estimate.shape == (2, 4, 1, 2048)
+  losses_seen = []
+  for _ in range(4):
+    state, metrics = step(state, batch)
+    assert bool(metrics["finite"])
+    losses_seen.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses_seen)) and int(state.step) == 4 and int(state.skipped) == 0
+  assert losses_seen[-1] < losses_seen[0], losses_seen  # the same batch: the loss falls
+
+
+def test_dropout_follows_the_state_rng():
+  """A Transformer with dropout: in training a step's loss depends on state.rng (the same key,
+  the same loss: the step is a pure function)."""
+  from bsmamba2_jax.config import ModelConfig
+  from bsmamba2_jax.model import random_params
+  config = ModelConfig.preset("tiny", depth=1, module_type="transformer", attn_dropout=0.1,
+                              ff_dropout=0.1, **SMALL_FFT)
+  step, _, optimizer = model_step(config)
+  params = random_params(config, scale=0.2)
+  batch = stems_batch(("vocals",))
+  loss = lambda seed: float(step(training.TrainState.create(
+      params, optimizer, jax.random.PRNGKey(seed)), batch)[1]["loss"])
+  first, again, other = loss(0), loss(0), loss(1)
+  assert np.isfinite(first) and first == again
+  assert other != first, (first, other)
+  # The next step draws new masks: the rng advanced.
+  state = training.TrainState.create(params, optimizer, jax.random.PRNGKey(0))
+  new, _ = step(state, batch)
+  assert not np.array_equal(new.rng, state.rng)

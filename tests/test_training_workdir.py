@@ -31,6 +31,80 @@ def test_validation_leaves_out_tracks_with_silent_vocals(monkeypatch, caplog):
   assert "silent vocals" not in caplog.text
 
 
+def test_validation_of_four_stems_scores_them_together_per_stem(monkeypatch, caplog):
+  """4 stems: per-stem uSDR (mean over tracks) and cSDR (median), their means over stems; a stem
+  silent in a track is left out of that track's set, with one warning."""
+  import ml_collections
+
+  from bsmamba2_jax import metrics
+  from bsmamba2_jax.config import model_settings
+  from bsmamba2_jax.training import validation
+  stems = ("drums", "bass", "other", "vocals")
+  rng = np.random.default_rng(1)
+  targets = {s: (0.1 * rng.standard_normal((2, 1, 44100))).astype(np.float32) for s in stems}
+  targets["vocals"][1] = 0.0  # an instrumental
+  mixture = sum(targets.values())
+  monkeypatch.setattr(validation, "validation_batches", lambda config, warn: iter([dict(
+      mixture=mixture, **targets, track=["Singer - Song", "Band - Instrumental"])]))
+  config = ml_collections.ConfigDict(dict(
+      eval=dict(batch_size=3), model=model_settings("tiny", stems=stems, audio_channels=1)))
+  gains = np.array([0.2, 0.4, 0.6, 0.8], np.float32)
+  seen = []
+
+  def estimate(params, x):
+    seen.append(x.shape)
+    return x[:, None] * gains[None, :, None, None]  # (b, 4, C, N), stems in config order
+
+  scores = validation.validate(config, estimate, params=None, sample_rate=44100)
+  assert seen == [(3, 1, 44100)]  # padded to the batch size
+  assert set(scores) == {"valid_usdr", "valid_csdr", "valid_input_usdr"} | {
+      f"valid_{s}_{m}" for s in stems for m in ("usdr", "csdr")}
+  refs = [np.stack([targets[s][t] for s in stems]) for t in range(2)]
+  ests = [gains[:, None, None] * mixture[t] for t in range(2)]
+  usdr = [metrics.usdr(refs[0], ests[0]), metrics.usdr(refs[1][:3], ests[1][:3])]
+  csdr = [metrics.csdr(refs[0], ests[0]), metrics.csdr(refs[1][:3], ests[1][:3])]
+  for i, stem in enumerate(stems):
+    tracks = [0, 1] if stem != "vocals" else [0]
+    assert scores[f"valid_{stem}_usdr"] == pytest.approx(np.mean([usdr[t][i] for t in tracks]))
+    assert scores[f"valid_{stem}_csdr"] == pytest.approx(np.median([csdr[t][i] for t in tracks]))
+  assert scores["valid_usdr"] == pytest.approx(np.mean([scores[f"valid_{s}_usdr"] for s in stems]))
+  assert scores["valid_csdr"] == pytest.approx(np.mean([scores[f"valid_{s}_csdr"] for s in stems]))
+  input_usdr = [np.mean([metrics.usdr(targets[s][t], mixture[t]) for t in range(2)
+                         if np.any(targets[s][t])]) for s in stems]
+  assert scores["valid_input_usdr"] == pytest.approx(np.mean(input_usdr))
+  warned = [r.getMessage() for r in caplog.records if "silent" in r.getMessage()]
+  assert len(warned) == 1 and "vocals in Band - Instrumental" in warned[0], warned
+  caplog.clear()
+  assert validation.validate(config, estimate, None, 44100, warn=False) == pytest.approx(scores)
+  assert "silent" not in caplog.text
+  wrong = lambda params, x: x  # a one-stem output for a 4-stem config
+  with pytest.raises(ValueError, match="output for 4 stem"):
+    validation.validate(config, wrong, None, 44100)
+
+
+def test_metrics_csv_has_the_per_stem_columns_of_a_multi_stem_model(tmp_path):
+  import csv
+
+  from bsmamba2_jax.training import logs
+  assert logs.csv_fields(("vocals",)) == logs.CSV_FIELDS
+  fields = logs.csv_fields(("drums", "vocals"))
+  assert fields[-4:] == ("valid_drums_usdr", "valid_drums_csdr", "valid_vocals_usdr",
+                         "valid_vocals_csdr")
+  workdir = str(tmp_path)
+  log = logs.MetricsLog(workdir, enabled=True)  # a file with the one-stem columns
+  log.write(1, dict(loss=0.5))
+  log.close()
+  log = logs.MetricsLog(workdir, enabled=True, start_step=1, fields=fields)
+  log.write(2, dict(loss=0.4, valid_usdr=1.0, valid_drums_usdr=2.0, valid_vocals_csdr=3.0))
+  log.close()
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    reader = csv.DictReader(f)
+    rows = list(reader)
+  assert tuple(reader.fieldnames) == fields
+  assert [(r["step"], r["loss"], r["valid_drums_usdr"]) for r in rows] == [
+      ("1", "0.5", ""), ("2", "0.4", "2.0")]
+
+
 def test_shipped_configs_compute_in_their_dtype():
   from experiments.configs import paper, small
   assert workdir_lib.model_config(small.get_config()).dtype == "auto"  # float32 on CPU
@@ -91,6 +165,7 @@ def test_export_names_what_a_workdir_is_not(tmp_path):
     (dict(ckpt_every=0), "ckpt_every must be >= 1"),
     (dict(max_minutes=float("nan")), "--max_minutes must be > 0"),
     (dict(max_minutes=-1.0), "--max_minutes must be > 0"),
+    (dict(stems=("vocals", "piano")), "config.model: stem 'piano' is not a MUSDB source"),
 ])
 def test_settings_that_cannot_make_a_run_are_named(change, message):
   from experiments.configs import tiny
@@ -99,7 +174,7 @@ def test_settings_that_cannot_make_a_run_are_named(change, message):
   max_minutes = change.pop("max_minutes", None)
   for key, value in change.items():
     section = {"num_steps": config.train, "accumulate": config.optimizer, "lr": config.optimizer,
-               "warmup_steps": config.optimizer}.get(key, config)
+               "warmup_steps": config.optimizer, "stems": config.model}.get(key, config)
     section[key] = value
   with pytest.raises(ValueError, match=message):
     loop.check_config(config, max_minutes)

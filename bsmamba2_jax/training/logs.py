@@ -2,13 +2,15 @@
 
 A run that died after its last checkpoint may have logged steps that the resumed run trains
 again; `MetricsLog(start_step=...)` drops those rows and summaries first, so every step appears
-once. Only process 0 of a run writes.
+once. Only process 0 of a run writes. A model of n > 1 stems adds the per-stem validation
+columns (`csv_fields`).
 """
 from __future__ import annotations
 
 import csv
 import glob
 import os
+from typing import Sequence
 
 from bsmamba2_jax.atomic import replacing
 
@@ -18,13 +20,24 @@ CSV_FIELDS = ("step", "loss", "grad_norm", "skipped", "lr", "steps_per_s", "exam
               "valid_usdr", "valid_csdr", "valid_input_usdr", "elapsed_s")
 
 
+def csv_fields(stems: Sequence[str] = ("vocals",)) -> tuple[str, ...]:
+  """The columns of `metrics.csv` for a model of `stems`: CSV_FIELDS, then for n > 1 stems
+  valid_<stem>_usdr and valid_<stem>_csdr of each (`validation.validate`'s keys)."""
+  if len(stems) <= 1:
+    return CSV_FIELDS
+  return CSV_FIELDS + tuple(f"valid_{stem}_{name}" for stem in stems for name in ("usdr", "csdr"))
+
+
 class MetricsLog:
   """Appends rows to `workdir/metrics.csv` and TensorBoard summaries to `workdir/tensorboard`."""
 
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0,
+               fields: Sequence[str] = CSV_FIELDS):
     """Rows and summaries of steps after `start_step` (logged past the checkpoint a run resumes
-    from, by a run that then died) are dropped. `enabled` False: write nothing (not process 0)."""
+    from, by a run that then died) are dropped. `enabled` False: write nothing (not process 0).
+    `fields`: the CSV columns (`csv_fields`); a file with other columns is rewritten with these."""
     self.enabled = enabled
+    fields = tuple(fields)
     if not enabled:
       return
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (training only)
@@ -33,15 +46,17 @@ class MetricsLog:
     new = not os.path.exists(path)
     if not new:
       with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = tuple(reader.fieldnames or ())
       kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
-      if len(kept) < len(rows):
+      if len(kept) < len(rows) or header != fields:
         with replacing(path) as tmp, open(tmp, "w", newline="") as f:
-          writer = csv.DictWriter(f, CSV_FIELDS)
+          writer = csv.DictWriter(f, fields, extrasaction="ignore")
           writer.writeheader()
           writer.writerows(kept)
     self._csv_file = open(path, "a", newline="")
-    self._csv = csv.DictWriter(self._csv_file, CSV_FIELDS)
+    self._csv = csv.DictWriter(self._csv_file, fields)
     if new:
       self._csv.writeheader()
     tensorboard = os.path.join(workdir, TENSORBOARD)

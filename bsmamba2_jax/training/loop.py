@@ -137,8 +137,9 @@ def check_config(config: ml_collections.ConfigDict, max_minutes: float | None) -
   for ok, problem in checks:
     if not ok:
       raise ValueError(problem)
+  from data_pipeline import mixing  # pylint: disable=g-import-not-at-top  (training data)
   try:
-    workdir_lib.model_config(config)
+    mixing.check_stems(workdir_lib.model_config(config).stems)  # the targets of the MUSDB mix
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from None
 
@@ -257,7 +258,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
       per_device_batch=config.train.per_device_batch_size,
       mono=experiment.model_config.audio_channels == 1, seed=config.seed, start_step=step,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      training_set=training_set,
+      training_set=training_set, stems=experiment.model_config.stems,
       prefetch=max(2, config.train.steps_per_execution))  # the next call's batches ready
 
   def save(state_r, metrics_row=None):
@@ -296,7 +297,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, start_time: float
   except ValueError:  # Not the main thread: the caller handles signals.
     pass
 
-  log = logs.MetricsLog(workdir, enabled=jax.process_index() == 0, start_step=step)
+  log = logs.MetricsLog(workdir, enabled=jax.process_index() == 0, start_step=step,
+                        fields=logs.csv_fields(experiment.model_config.stems))
   bar = None
   if progress and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top

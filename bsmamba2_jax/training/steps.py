@@ -7,6 +7,12 @@ device, pmap over one device runs the same code. Mixed precision is the model's 
 
 A step whose loss or gradients are not finite changes nothing but `step` (the data position),
 `rng` and the `skipped` counter.
+
+The model runs in training mode (`train=True`: the Transformers' dropout, where the model has
+any) with a "dropout" key drawn from `state.rng` (and the device's index under pmap), so a step
+stays a pure function of (state, batch). Its targets are the batch's stems in the order of the
+model's `config.stems`: `batch[stem]` (b, C, N) for one stem, the stems stacked on axis 1
+(b, n, C, N) for n > 1, as the model's output.
 """
 from __future__ import annotations
 
@@ -98,18 +104,42 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def model_stems(model: Any) -> tuple[str, ...]:
+  """The stems a model separates, in the order of its outputs: `model.config.stems` (a
+  `BSMamba2`), ("vocals",) for a model without them."""
+  stems = getattr(getattr(model, "config", None), "stems", None)
+  return ("vocals",) if stems is None else ((stems,) if isinstance(stems, str) else tuple(stems))
+
+
+def stack_targets(batch: dict, stems: tuple[str, ...]) -> jax.Array:
+  """The targets of `batch` for a model of `stems`: batch[stem] (b, C, N) for one stem, else the
+  stems stacked on axis 1, (b, n, C, N)."""
+  if len(stems) == 1:
+    return batch[stems[0]]
+  return jnp.stack([batch[stem] for stem in stems], axis=1)
+
+
 def train_step(state: TrainState, batch: dict, *, model: Any,
                optimizer: optax.GradientTransformation,
                loss_fn: Callable[[jax.Array, jax.Array], jax.Array], ema_decay: float,
                axis_name: str | None = "batch") -> tuple[TrainState, dict]:
-  """One optimiser micro-step on `batch` {"mixture", "vocals"}: (b, C, N) float32 per device.
+  """One optimiser micro-step on `batch` {"mixture", *stems}: (b, C, N) float32 per device, the
+  stems those of `model.config.stems` ("vocals" for a model without a config).
 
-  Returns the new state and metrics {"loss", "grad_norm", "finite", "skipped"} (scalars,
-  identical on every device). `axis_name=None` runs without collectives (plain `jax.jit`).
+  `model.apply(variables, mixture, train=True, rngs={"dropout": key})` gives the estimate of the
+  targets (`stack_targets`), `loss_fn(estimate, target)` its loss. Returns the new state and
+  metrics {"loss", "grad_norm", "finite", "skipped"} (scalars, identical on every device).
+  `axis_name=None` runs without collectives (plain `jax.jit`).
   """
+  rng, dropout_rng = jax.random.split(state.rng)
+  if axis_name is not None:  # each device its own dropout masks
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+  target = stack_targets(batch, model_stems(model))
+
   def objective(params):
-    estimate = model.apply({"params": params}, batch["mixture"])
-    return loss_fn(estimate.astype(jnp.float32), batch["vocals"])
+    estimate = model.apply({"params": params}, batch["mixture"], train=True,
+                           rngs={"dropout": dropout_rng})
+    return loss_fn(estimate.astype(jnp.float32), target)
 
   loss, grads = jax.value_and_grad(objective)(state.params)
   if axis_name is not None:
@@ -124,7 +154,6 @@ def train_step(state: TrainState, batch: dict, *, model: Any,
       state.ema_params, params)
 
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
-  rng, _ = jax.random.split(state.rng)
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params),
       ema_params=keep(ema_params, state.ema_params),
@@ -136,7 +165,7 @@ def train_step(state: TrainState, batch: dict, *, model: Any,
 
 
 def train_steps(state: TrainState, batches: dict, **step_kwargs: Any) -> tuple[TrainState, dict]:
-  """`train_step` on K batches in turn, as one program: `batches` {"mixture", "vocals"} are
+  """`train_step` on K batches in turn, as one program: `batches` {"mixture", *stems} are
   (K, b, C, N) float32 per device; `step_kwargs` are `train_step`'s.
 
   Returns the state after the K steps and each step's metrics stacked, (K,) per name: the same as
@@ -148,5 +177,7 @@ def train_steps(state: TrainState, batches: dict, **step_kwargs: Any) -> tuple[T
 
 
 def eval_step(params: Any, mixture: jax.Array, *, model: Any) -> jax.Array:
-  """Estimated vocals (b, C, N) float32 for `mixture` (b, C, N) with `params` (e.g. the EMA)."""
+  """The estimated stem (b, C, N) float32, or the stems (b, n, C, N) of a model of n > 1 stems
+  (in `model.config.stems` order), for `mixture` (b, C, N) with `params` (e.g. the EMA);
+  inference mode (no dropout)."""
   return model.apply({"params": params}, mixture).astype(jnp.float32)
