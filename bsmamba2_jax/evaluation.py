@@ -292,7 +292,7 @@ def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict
                         [s for s in stems if s != RESIDUAL])
     written += ["segment_study.csv", "sdr_vs_segment.png"]
   with open(path("results.json"), "w") as f:
-    json.dump(_strict_json(dict(results, segment_study=list(study or []))), f, indent=1,
+    json.dump(strict_json(dict(results, segment_study=list(study or []))), f, indent=1,
               allow_nan=False)
   with open(path("results.md"), "w", encoding="utf-8", errors="surrogateescape") as f:
     f.write("# Evaluation\n\n" + markdown_report(results, study) + "\n")
@@ -302,13 +302,13 @@ def write_results(output_dir: str, results: dict[str, Any], study: Sequence[dict
   return [path(f) for f in written]
 
 
-def _strict_json(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
   """`value` with every non-finite float (an undefined score) as None, so results.json is
   standard JSON (json.dump would write NaN, which strict parsers refuse)."""
   if isinstance(value, dict):
-    return {k: _strict_json(v) for k, v in value.items()}
+    return {k: strict_json(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_strict_json(v) for v in value]
+    return [strict_json(v) for v in value]
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value

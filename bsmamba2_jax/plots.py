@@ -1,4 +1,5 @@
-"""The figures of reports: per-track scores, the segment study, training curves, spectrograms.
+"""The figures of reports: per-track scores, the segment study, model comparisons, training
+curves, spectrograms.
 
 matplotlib (Agg, no display) is imported only when a figure is drawn, so nothing else pays for
 it. Each function writes one PNG to `path`.
@@ -52,6 +53,36 @@ def segment_study(path: str, study: Sequence[dict], stems: Sequence[str] = ("voc
   ax.set_xticks(seg, [f"{s:g}" for s in seg])
   ax.set(xlabel="segment length (s), no overlap", ylabel="SDR (dB)")
   ax.legend(fontsize="small")
+  _save(fig, path, 120)
+
+
+def model_comparison(path: str, arms: Sequence[dict]) -> None:
+  """Two panels for models compared on equal terms (`comparison.ArmResult` as dicts): vocals
+  cSDR (median) and uSDR (mean) against the chunk length, and vocals cSDR by vocal activity."""
+  plt = _pyplot()
+  fig, (by_length, by_activity) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for i, arm in enumerate(arms):
+    seg = [r["segment"] for r in arm["segment_study"]]
+    line, = by_length.plot(seg, [r["vocals_csdr_median"] for r in arm["segment_study"]], "o-",
+                           label=f"{arm['name']} cSDR (median)")
+    by_length.plot(seg, [r["vocals_usdr_mean"] for r in arm["segment_study"]], "s--",
+                   color=line.get_color(), label=f"{arm['name']} uSDR (mean)")
+    buckets = [r for r in arm["sparse"] if r["tracks"]]
+    x = np.arange(len(buckets))
+    width = 0.8 / len(arms)
+    by_activity.bar(x + (i - (len(arms) - 1) / 2) * width,
+                    [r["vocals_csdr_median"] for r in buckets], width, color=line.get_color(),
+                    label=arm["name"])
+    by_activity.set_xticks(x, [f"{r['activity']}\n({r['tracks']} tracks)" for r in buckets],
+                           fontsize=7)
+  by_length.set_xscale("log", base=2)
+  by_length.set_xticks(seg, [f"{s:g}" for s in seg])
+  by_length.set(xlabel="chunk length (s), no overlap", ylabel="SDR (dB)",
+                title="By input length")
+  by_length.legend(fontsize=7)
+  by_activity.set(xlabel="vocal activity (share of 1-s frames)", ylabel="vocals cSDR (dB)",
+                  title="By vocal activity (8-s chunks)")
+  by_activity.legend(fontsize=7)
   _save(fig, path, 120)
 
 
