@@ -270,3 +270,14 @@ def test_gpu_mode_runs_its_sections_and_the_rest_in_default(tmp_path, monkeypatc
   assert built["sections"]["fake_cpu_only"][0]["mode"] == "default"
   assert built["sections"]["fake_gpu"][0]["mode"] == "gpu"
   assert "## fake_cpu_only (0 s, mode `default`)" in open(built["stem"] + ".md").read()
+
+
+def test_separate_smoke_section_reports_limits_and_names_missing_peers(monkeypatch):
+  from experiments.benchmarks import separate, separation_peers
+  monkeypatch.setattr(separation_peers, "missing", lambda: ["demucs"])
+  rows, text = separate.run("smoke")
+  names = [r["name"] for r in rows]
+  assert names == ["separate tiny float32", "limit tiny at the float32 matmul rate",
+                   "limit tiny at the mixed matmul rate"]
+  assert all(r["wall_per_audio"] > 0 for r in rows)
+  assert "Peers skipped: demucs not installed" in text and "GFLOP/s" in text

@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -61,19 +62,22 @@ def timed(name: str, fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
 
 
 def matmul_gflops(n: int | None = None, repeats: int = 20, dtype: str = "float32") -> dict:
-  """Achieved GFLOP/s of a jitted n×n matmul in `dtype` ("float32" or "bfloat16"), at JAX's
-  default matmul precision (TF32 for fp32 on NVIDIA GPUs): the machine's reference rate.
+  """Achieved GFLOP/s of a jitted n×n matmul in `dtype` ("float32", "bfloat16", or "mixed": bf16
+  operands accumulated and returned in float32, the separator's "mixed" mode), at JAX's default
+  matmul precision (TF32 for fp32 on NVIDIA GPUs): the machine's reference rate.
 
   n None: 2048 on CPU, 8192 on an accelerator (a 2048² product is too short there to reach the
   card's rate; docs/performance.md).
   """
   if n is None:
     n = 2048 if jax.default_backend() == "cpu" else 8192
-  short = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+  short = {"float32": "fp32", "bfloat16": "bf16", "mixed": "bf16->fp32"}[dtype]
+  operands = "bfloat16" if dtype == "mixed" else dtype
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(key_a, (n, n), dtype)
-  b = jax.random.normal(key_b, (n, n), dtype)
-  f = jax.jit(lambda a, b: a @ b)
+  a = jax.random.normal(key_a, (n, n), operands)
+  b = jax.random.normal(key_b, (n, n), operands)
+  result = jnp.float32 if dtype == "mixed" else None
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=result))
   row = timed(f"matmul {short} {n}x{n}", lambda: f(a, b), repeats=repeats, warmup=2,
               dtype=dtype)
   row["n"] = n

@@ -17,9 +17,12 @@ d_inner E = expand·D, H heads of headdim P, G groups, d_state N, chunk Q:
                    one GEMM per chunk)) + (n - 1)·q·(2HPN (chunk states) + 2HPN (states
                    to outputs)); the first chunk enters with the zero state and the last
                    chunk's end state feeds nothing
+  Transformer     (module_type "transformer" / "mamba2-roformer", H heads of width E, length L)
+                   per token: 2·D·3HE + 2·D·H + 2·HE·D (projections, gates) + 16·D² (feed-forward)
+                   + 4·L·HE (q·kᵀ and weights·v)
   STFT / iSTFT    ~5·n_fft·log2(n_fft) per frame and channel: < 0.01 % of the total, not counted.
 
-The paper preset on 8 s stereo gives 3.21 TFLOP (docs/model.md §7 quotes ~3.1). A training step is
+The paper preset on 8 s stereo gives 2.88 TFLOP; the `bsroformer` preset 1.53 TFLOP. A training step is
 counted as 3 × forward (the backward of a matmul costs two matmuls); the loss (5 STFT pairs)
 and the AdamW update are small and not counted. Each analytic figure is reported next to XLA's
 own count, `jax.jit(f).lower(...).compile().cost_analysis()["flops"]`, which includes
@@ -78,8 +81,19 @@ def ssd_flops_per_token(cfg: ModelConfig, length: int) -> float:
   return (per_padded_token * nchunks * q + states) / length
 
 
+def transformer_flops_per_token(cfg: ModelConfig, length: int) -> float:
+  """One Transformer block (`roformer.TransformerBlock`) per token of a sequence of `length`:
+  q/k/v, gates and output projections, the feed-forward (D -> 4D -> D), and the attention's two
+  products (q·kᵀ and weights·v, each 2·length·H·E per token)."""
+  d, inner = cfg.dim, cfg.heads * cfg.dim_head
+  return 2 * d * 3 * inner + 2 * d * cfg.heads + 2 * inner * d + 2 * 2 * d * 4 * d + (
+      2 * 2 * length * inner)
+
+
 def model_flops(cfg: ModelConfig, batch: int, samples: int) -> dict[str, float]:
-  """Analytic forward FLOPs of BSMamba2 on (batch, C, samples) audio, by component."""
+  """Analytic forward FLOPs of the model of `cfg` (BSMamba2, or with `module_type`'s
+  Transformers; Mamba1 is not counted) on (batch, C, samples) audio, by component."""
+  from bsmamba2_jax.model import LAYER_KINDS  # pylint: disable=g-import-not-at-top
   frames = 1 + samples // cfg.hop_length
   bins, bands, d = cfg.n_fft // 2 + 1, len(cfg.band_widths), cfg.dim
   inner = cfg.expand * d
@@ -88,14 +102,19 @@ def model_flops(cfg: ModelConfig, batch: int, samples: int) -> dict[str, float]:
   tokens = batch * bands * frames
   mixer_dense = 2 * d * (2 * inner + bc + heads) + 2 * cfg.d_conv * (inner + bc) + 2 * inner * d
   merge = 2 * 2 * d * d
-  ssd = 2 * (ssd_flops_per_token(cfg, frames) + ssd_flops_per_token(cfg, bands))  # 2 directions
-  flops = dict(
-      band_split=4.0 * batch * frames * cfg.audio_channels * bins * d,
-      mamba_dense=cfg.depth * 2 * 2 * mixer_dense * tokens,  # 2 paths × 2 directions
-      merge=cfg.depth * 2 * merge * tokens,
-      ssd=cfg.depth * ssd * tokens,
-      mask_estimator=batch * frames * (8.0 * bands * d * d
-                                       + 32.0 * cfg.audio_channels * bins * d))
+  flops = dict(band_split=4.0 * batch * frames * cfg.audio_channels * bins * d,
+               mamba_dense=0.0, merge=0.0, ssd=0.0, transformer=0.0)
+  for kind, length in zip(LAYER_KINDS[cfg.module_type], (frames, bands)):  # time, band paths
+    if kind == "mamba2":
+      flops["mamba_dense"] += cfg.depth * 2 * mixer_dense * tokens  # 2 directions
+      flops["merge"] += cfg.depth * merge * tokens
+      flops["ssd"] += cfg.depth * 2 * ssd_flops_per_token(cfg, length) * tokens
+    elif kind == "transformer":
+      flops["transformer"] += cfg.depth * transformer_flops_per_token(cfg, length) * tokens
+    else:
+      raise ValueError(f"no FLOP count for {kind!r} modules")
+  flops["mask_estimator"] = cfg.num_stems * batch * frames * (
+      8.0 * bands * d * d + 32.0 * cfg.audio_channels * bins * d)
   flops["total"] = sum(flops.values())
   return flops
 
