@@ -80,7 +80,7 @@ def bsroformer_row(audio: np.ndarray, sizes: dict, repeats: int, segment: float,
 
   separator = Separator(model_fn, channels=2, segment=segment, overlap=overlap, batch_size=1)
   start = time.perf_counter()
-  separator.separate(audio[:, :separator.segment_samples], 44100)
+  model_fn(audio[None, :, :44100])  # first call: allocations (a whole chunk takes minutes)
   warmup_s = time.perf_counter() - start
   return common.timed("peer BS-RoFormer (bs-roformer)", lambda: separator.separate(audio, 44100),
                       repeats=repeats, warmup=0,
