@@ -7,7 +7,11 @@ before it runs any JAX computation:
 1. XLA:CPU flags. Under jaxlib 0.10 `--xla_cpu_experimental_ynn_fusion_type=` is added to
    `XLA_FLAGS`: that release routes reductions, elementwise ops and small dots through YNNPACK
    fusions that run this model's scan and training step markedly slower on CPU
-   (docs/performance.md). A value you set in `XLA_FLAGS` yourself wins. XLA reads the variable
+   (docs/performance.md). Programs that only run the model forward (`inference=True`:
+   separation, evaluation, the web page) get `=individual_dot` instead: standalone dots still
+   go to YNNPACK, whose bf16 × bf16 → float32 dot runs at twice the rate of XLA's own on a CPU
+   with bf16 dot units (the "mixed" precision's matmuls), and fusions stay off. A value you set
+   in `XLA_FLAGS` yourself wins. XLA reads the variable
    when JAX starts its backend, so `configure()` refuses to run after that.
 2. The persistent compilation cache (`compilation_cache=True`): compiled programs are kept in
    `$XDG_CACHE_HOME/bsmamba2_jax/xla` (`~/.cache/...`), so a resumed or repeated run does not
@@ -38,12 +42,16 @@ from typing import Mapping
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
-def xla_flags(flags: str, jaxlib_version: str | None) -> str:
-  """`flags` (the current XLA_FLAGS) with YNNPACK fusions turned off under jaxlib 0.10, unless
-  the flag is already there (the user's choice)."""
+# YNNPACK's share under jaxlib 0.10: nothing for training, standalone dots for inference.
+YNN_TRAINING, YNN_INFERENCE = "", "individual_dot"
+
+
+def xla_flags(flags: str, jaxlib_version: str | None, inference: bool = False) -> str:
+  """`flags` (the current XLA_FLAGS) with YNNPACK fusions turned off under jaxlib 0.10 (but for
+  standalone dots with `inference`), unless the flag is already there (the user's choice)."""
   if YNN_FLAG in flags or not (jaxlib_version or "").startswith("0.10."):
     return flags
-  return f"{flags} {YNN_FLAG}=".strip()
+  return f"{flags} {YNN_FLAG}={YNN_INFERENCE if inference else YNN_TRAINING}".strip()
 
 
 # CPU feature flags that mean native bf16 dot products: AVX512_BF16 and AMX on x86 (Linux's
@@ -127,9 +135,11 @@ def _plain_messages() -> None:
   handler.addFilter(_ours_or_important)
 
 
-def configure(*, compilation_cache: bool = True, verbose: bool = False) -> None:
+def configure(*, compilation_cache: bool = True, verbose: bool = False,
+              inference: bool = False) -> None:
   """Makes the settings of this module's docstring for the current process (call it once, first
-  in `main`). Raises RuntimeError if JAX has already started its backend."""
+  in `main`; `inference`: the program runs the model forward only). Raises RuntimeError if JAX
+  has already started its backend."""
   if _backend_started():
     raise RuntimeError("runtime.configure() must run before the first JAX computation: XLA "
                        "reads XLA_FLAGS when JAX starts its backend")
@@ -137,7 +147,7 @@ def configure(*, compilation_cache: bool = True, verbose: bool = False) -> None:
     jaxlib_version = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
     jaxlib_version = None
-  flags = xla_flags(os.environ.get("XLA_FLAGS", ""), jaxlib_version)
+  flags = xla_flags(os.environ.get("XLA_FLAGS", ""), jaxlib_version, inference)
   if flags:
     os.environ["XLA_FLAGS"] = flags
   if hasattr(sys.stdout, "reconfigure"):

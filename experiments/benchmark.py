@@ -22,6 +22,8 @@ CPU_SECTIONS = ("scan", "scaling", "peers", "limit", "forward", "train", "separa
                 "precision")
 GPU_SECTIONS = ("recipe", "separate", "precision")
 SECTIONS = CPU_SECTIONS + ("recipe",)
+# Sections that run the model forward only: run alone, they get `runtime.configure(inference=True)`.
+INFERENCE_SECTIONS = frozenset({"separate"})
 
 _ONLY = flags.DEFINE_list("only", None, f"Sections to run, from {SECTIONS}; default: "
                           f"{GPU_SECTIONS} with --mode=gpu, else {CPU_SECTIONS}.")
@@ -51,8 +53,11 @@ def run_benchmarks(sections: list[str] | None, output_dir: str, mode: str = "def
 
 
 def main(argv):
-  # XLA:CPU flags before JAX starts; no compilation cache: the rows time compilation too.
-  runtime.configure(compilation_cache=False, verbose=cli.verbose())
+  # XLA:CPU flags before JAX starts, those of a separation program when only inference sections
+  # run; no compilation cache: the rows time compilation too.
+  sections = _ONLY.value or default_sections(_MODE.value)
+  runtime.configure(compilation_cache=False, verbose=cli.verbose(),
+                    inference=set(sections) <= INFERENCE_SECTIONS)
   del argv
   try:
     run_benchmarks(_ONLY.value, _OUT.value, _MODE.value)

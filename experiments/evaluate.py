@@ -38,7 +38,7 @@ flags.mark_flags_as_required(["checkpoint", "data_dir"])
 
 
 def main(argv):
-  runtime.configure(compilation_cache=True, verbose=cli.verbose())  # see runtime.py
+  runtime.configure(compilation_cache=True, verbose=cli.verbose(), inference=True)  # runtime.py
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:

@@ -67,9 +67,9 @@ def _interrupt(signum, frame):
 
 
 def main(argv):
-  # XLA:CPU flags before JAX starts; compiled programs kept, so a second run starts at once;
-  # plain messages unless --verbose.
-  runtime.configure(compilation_cache=True, verbose=cli.verbose())
+  # XLA:CPU flags before JAX starts (for a forward-only program); compiled programs kept, so a
+  # second run starts at once; plain messages unless --verbose.
+  runtime.configure(compilation_cache=True, verbose=cli.verbose(), inference=True)
   if _LIST.value:
     print(registry.listing())
     return

@@ -51,7 +51,7 @@ def _interrupt(signum, frame):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; --help lists the options")
-  runtime.configure(compilation_cache=True, verbose=cli.verbose())
+  runtime.configure(compilation_cache=True, verbose=cli.verbose(), inference=True)
   from bsmamba2_jax import webui  # pylint: disable=g-import-not-at-top
   try:
     models = webui.Models(_CHECKPOINT.value, default=_MODEL.value, segment=_SEGMENT.value,

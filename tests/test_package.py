@@ -89,6 +89,12 @@ def test_xla_flags_turn_off_ynn_fusions_under_jaxlib_0_10_only(flags, version, e
   assert runtime.xla_flags(flags, version) == expected
 
 
+def test_inference_programs_keep_ynnpack_for_standalone_dots():
+  assert runtime.xla_flags("", "0.10.2", inference=True) == f"{runtime.YNN_FLAG}=individual_dot"
+  assert runtime.xla_flags(f"{runtime.YNN_FLAG}=", "0.10.2", inference=True) == f"{runtime.YNN_FLAG}="
+  assert runtime.xla_flags("", "0.12.0", inference=True) == ""
+
+
 @pytest.mark.parametrize("environ, expected", [
     ({"HOME": "/h"}, "/h/.cache/bsmamba2_jax/xla"),
     ({"HOME": "/h", "XDG_CACHE_HOME": "/c"}, "/c/bsmamba2_jax/xla"),
