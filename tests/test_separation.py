@@ -547,6 +547,7 @@ def terminated_on_second_call(chunks):
   return chunks
 separator.Separator.from_checkpoint = classmethod(
     lambda cls, path, precision, device, **kw: cls(terminated_on_second_call, **kw))
+signal.signal(signal.{signame}, signal.SIG_DFL)  # as in a terminal, even under nohup
 sys.argv = ["separate", "--checkpoint=unused", "--input={path}", "--output_dir={tmp_path}/out",
             "--segment=0.1", "--overlap=0", "--noprogress"]
 separate.run()
