@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -68,7 +69,10 @@ def train(config: ml_collections.ConfigDict, train_dir: str, minutes: float, *,
     logging.info("training: budget spent (%.1f of %.1f min, step %d); reusing it",
                  spent["minutes_spent"], minutes, spent["step"])
     return spent
-  logging.info("training: %.1f of %.1f min left", left, minutes)
+  if math.isinf(minutes):  # a step budget (experiments.compare_models)
+    logging.info("training: until step %d", config.train.num_steps)
+  else:
+    logging.info("training: %.1f of %.1f min left", left, minutes)
   start = time.time()
   result = loop.train_and_evaluate(config, train_dir, max_minutes=left, progress=progress)
   spent = dict(minutes_spent=spent["minutes_spent"] + (time.time() - start) / 60,
