@@ -38,9 +38,8 @@ def default_stems(count: int) -> tuple[str, ...]:
   """Stem names for a model of `count` stems whose names are not given (`DEFAULT_STEMS`, else
   stem1, stem2, ...)."""
   return DEFAULT_STEMS.get(count, tuple(f"stem{n + 1}" for n in range(count)))
-# Tokens per group of `block_tokens` for separation on a CPU, per compute mode: the "mixed"
-# mode's YNNPACK dots favour smaller groups (docs/performance.md §7, §8).
-CPU_BLOCK_TOKENS = {"float32": 2048, "mixed": 1024, "bfloat16": 2048}
+# Tokens per group of `block_tokens` for separation on a CPU (docs/performance.md §7).
+CPU_BLOCK_TOKENS = 2048
 # Fields that change the computation, not the weights.
 COMPUTE_FIELDS = ("dtype", "scan_method", "chunk_size", "remat", "block_tokens", "attn_dropout",
                   "ff_dropout")
@@ -117,7 +116,7 @@ class ModelConfig:
   in docs/performance.md.
   block_tokens: > 0 runs each sequence module over groups of about this many tokens, one
   group after another (`model.in_blocks`; same result); 0 in one call. Separation on a CPU uses
-  CPU_BLOCK_TOKENS[dtype], where the smaller buffers make the forward faster.
+  CPU_BLOCK_TOKENS, where the smaller buffers make the forward faster.
   module_type: the sequence modules of the dual path (one of MODULE_TYPES).
   stems: the names of the separated sources, one mask estimator each, in the order of the
   model's outputs; a one-stem model's residual (mixture − stem) is its "accompaniment".

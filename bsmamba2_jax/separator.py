@@ -241,8 +241,7 @@ class Separator:
       cpu_bf16_dots = target.platform == "cpu" and runtime.cpu_has_bf16_dots()
       compute["dtype"] = config_lib.inference_dtype(precision, target.platform, cpu_bf16_dots)
     if target.platform == "cpu" and not model.config.block_tokens:
-      dtype = config_lib.resolve_dtype(compute.get("dtype", model.config.dtype), "cpu")
-      compute["block_tokens"] = config_lib.CPU_BLOCK_TOKENS[dtype]  # same numbers, faster
+      compute["block_tokens"] = config_lib.CPU_BLOCK_TOKENS  # same numbers, faster on a CPU
     model = model.clone(config=model.config.with_compute(**compute))
     config = model.config
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
