@@ -23,8 +23,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from bsmamba2_jax import atomic, evaluation, exports, plots, quickstart
-from bsmamba2_jax.separator import Separator
+from bsmamba2_jax import atomic, evaluation, plots, quickstart
+from bsmamba2_jax.model import abstract_params
+from bsmamba2_jax.training import workdir as workdir_lib
 
 # The two arms: what each changes in the experiment's `config.model`.
 ARMS = {
@@ -75,22 +76,13 @@ def run_arm(config: ml_collections.ConfigDict, arm: str, workdir: str, *,
     raise KeyboardInterrupt("training interrupted; run the same command again to resume")
   export_dir, step = quickstart.export(os.path.join(folder, "train"),
                                        os.path.join(folder, "export"))
-  model, params = exports.load_model(export_dir)
-  separators: dict[float, Separator] = {}
-
-  def separator(segment: float) -> Separator:
-    if segment not in separators:
-      separators[segment] = Separator.from_model(model, params, segment=segment, overlap=0.0,
-                                                 batch_size=config.separate.batch_size)
-    return separators[segment]
-
-  results = evaluation.evaluate(separator(MAIN_SEGMENT), config.data.dir, "test",
-                                progress=progress)
-  study = evaluation.segment_study(separator, segments, config.data.dir, "test",
-                                   progress=progress)
-  evaluation.write_results(os.path.join(folder, "evaluation"), results, study, overwrite=True)
-  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  return ArmResult(name=arm, module_type=model.config.module_type, parameters=count, steps=step,
+  results, study, _ = evaluation.run(
+      export_dir, config.data.dir, "test", os.path.join(folder, "evaluation"),
+      segment=MAIN_SEGMENT, overlap=0.0, batch_size=config.separate.batch_size,
+      segments=segments, overwrite=True, progress=progress)
+  model = workdir_lib.model_config(config)
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_params(model)))
+  return ArmResult(name=arm, module_type=model.module_type, parameters=count, steps=step,
                    training_minutes=trained["minutes_spent"], scores=_scores(results),
                    segment_study=study, sparse=results["sparse"])
 

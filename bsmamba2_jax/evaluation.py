@@ -25,10 +25,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from bsmamba2_jax import metrics, plots
+from bsmamba2_jax.separator import RESIDUAL
+from data_pipeline.musdb import SOURCES
 
 STEMS = metrics.STEMS  # what a vocals model is scored on
-SOURCES = ("vocals", "drums", "bass", "other")  # a MUSDB18 track's sources
-RESIDUAL = "accompaniment"
 ACTIVITY_THRESHOLD_DB = -40.0
 ACTIVITY_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

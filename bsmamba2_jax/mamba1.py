@@ -10,14 +10,13 @@ delta, A, the decays and the states are float32 in every precision mode.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsmamba2_jax.mamba2 import CausalDepthwiseConv, torch_dense, torch_uniform
+from bsmamba2_jax.mamba2 import CausalDepthwiseConv, dt_bias_init, torch_dense, torch_uniform
 
 Dtype = Any
 
@@ -66,16 +65,6 @@ def _a_log_init(key, shape, dtype=jnp.float32):
       dtype)
 
 
-def _dt_proj_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
-  """mamba_ssm: dt = exp(U(log dt_min, log dt_max)) floored, stored as inverse softplus."""
-  def init(key, shape, dtype=jnp.float32):
-    u = jax.random.uniform(key, shape, jnp.float32)
-    dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)),
-                     dt_floor)
-    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-  return init
-
-
 class Mamba1(nn.Module):
   """mamba_ssm's Mamba (no linear biases but dt_proj's, conv bias). u (b, l, d) -> (b, l, d)."""
   d_model: int
@@ -99,7 +88,7 @@ class Mamba1(nn.Module):
     dt_low, b_mat, c_mat = jnp.split(dense(rank + 2 * self.d_state, channels, "x_proj")(x),
                                      [rank, rank + self.d_state], axis=-1)
     dt_proj = nn.Dense(channels, dtype=jnp.float32, param_dtype=jnp.float32,
-                       kernel_init=torch_uniform(rank), bias_init=_dt_proj_bias_init(),
+                       kernel_init=torch_uniform(rank), bias_init=dt_bias_init(),
                        name="dt_proj")                        # float32: delta stays exact
     delta = jax.nn.softplus(dt_proj(dt_low.astype(jnp.float32)))
     a = -jnp.exp(self.param("A_log", _a_log_init, (channels, self.d_state), jnp.float32))

@@ -112,7 +112,7 @@ class GatedRMSNorm(nn.Module):
         y.dtype)
 
 
-def _dt_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> Callable:
+def dt_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> Callable:
   """mamba_ssm: dt = exp(U(log dt_min, log dt_max)) floored, stored as inverse softplus."""
   def init(key, shape, dtype=jnp.float32):
     u = jax.random.uniform(key, shape, jnp.float32)
@@ -189,7 +189,7 @@ class Mamba2(nn.Module):
     xbc = jax.nn.silu(CausalDepthwiseConv(self.d_conv, dtype=result_dtype, name="conv1d")(xbc))
     x, b_mat, c_mat = jnp.split(xbc, [d_inner, d_inner + bc_width], axis=-1)
 
-    dt_bias = self.param("dt_bias", _dt_bias_init(), (nheads,), jnp.float32)
+    dt_bias = self.param("dt_bias", dt_bias_init(), (nheads,), jnp.float32)
     a_log = self.param("A_log", _a_log_init, (nheads,), jnp.float32)
     d_skip = self.param("D", nn.initializers.ones, (nheads,), jnp.float32)
     dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + dt_bias)          # (b, l, h) fp32
